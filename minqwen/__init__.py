@@ -1,0 +1,22 @@
+"""minqwen: Qwen2 from scratch in plain PyTorch, one concept per module.
+
+>>> import minqwen
+>>> model = minqwen.from_pretrained("path/to/Qwen2-0.5B")  # doctest: +SKIP
+"""
+
+from .cache import KVCache
+from .config import Qwen2Config
+from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from .weights import load_hf_dir as from_pretrained
+from .weights import save_pretrained
+
+__all__ = [
+    "KVCache",
+    "Qwen2Config",
+    "Qwen2DecoderLayer",
+    "Qwen2ForCausalLM",
+    "Qwen2Model",
+    "from_pretrained",
+    "save_pretrained",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""The Qwen2 decoder: embeddings, a stack of pre-norm blocks, a final norm and the LM head.
+
+Module and parameter names are Hugging Face's, so ``state_dict()`` keys are exactly those of
+``transformers.Qwen2ForCausalLM`` (``model.layers.0.self_attn.q_proj.weight`` ...) and weights
+move between the two without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Qwen2Attention, causal_mask
+from .cache import KVCache
+from .config import Qwen2Config
+from .mlp import Qwen2MLP
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """One block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (pre-norm residual stream)."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen2Attention(config, layer_idx, attn_implementation)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen2MLP(config)
+        self.uses_sliding_window = config.layer_uses_sliding_window(layer_idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (batch, seq, hidden) -> (batch, seq, hidden)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Token ids -> final hidden states (batch, seq, hidden): the body without the LM head."""
+
+    def __init__(self, config: Qwen2Config, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, i, attn_implementation) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`Qwen2ForCausalLM.forward`; returns hidden states (batch, seq, hidden)."""
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+        x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)  # (batch, seq, head_dim) each
+        masks = self._masks(seq, past + seq, attention_mask, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks[layer.uses_sliding_window], cache)
+        if cache is not None:
+            cache.advance(seq)
+        return self.norm(x)
+
+    def _masks(
+        self, q_len: int, kv_len: int, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> dict[bool, torch.Tensor | None]:
+        """The attention mask for full layers (key False) and sliding-window layers (key True)."""
+        full = causal_mask(q_len, kv_len, attention_mask, None, device)
+        if not self.config.use_sliding_window:
+            return {False: full, True: full}
+        window = causal_mask(q_len, kv_len, attention_mask, self.config.sliding_window, device)
+        return {False: full, True: window}
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 with its language-model head: token ids (batch, seq) -> logits (batch, seq, vocab)."""
+
+    def __init__(self, config: Qwen2Config, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config, attn_implementation)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings`` the head and the embedding are one tensor."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF's initialisation: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits for every position.
+
+        input_ids (batch, seq) LongTensor; position_ids (batch, seq), default: the positions after
+        what ``cache`` holds; attention_mask (batch, cached + seq) with 1 for real tokens and 0 for
+        padding; cache: a :class:`KVCache` that this call reads and extends.
+        Returns logits (batch, seq, vocab_size).
+        """
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (batch, seq), got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, cache))
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A KV cache sized for ``max_seq_len`` tokens, in this model's dtype and device."""
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_seq_len, weight.dtype, weight.device)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without the embedding table."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+        return total
