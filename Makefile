@@ -9,11 +9,12 @@ PROMPT ?= The capital of France is
 .PHONY: run test lab bench clean-venv
 
 # torch goes in first and alone: pinned to 2.13.0, a CPU build, so nothing pulls a CUDA build.
-$(BASE_STAMP): requirements.txt
+$(BASE_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): $(BASE_STAMP) requirements-dev.txt
