@@ -7,8 +7,7 @@
 from .cache import KVCache
 from .config import Qwen2Config
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
-from .weights import load_hf_dir as from_pretrained
-from .weights import save_pretrained
+from .weights import from_pretrained, save_pretrained
 
 __all__ = [
     "KVCache",

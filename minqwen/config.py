@@ -22,6 +22,9 @@ REQUIRED_FIELDS = (
     "num_attention_heads",
 )
 
+# Optional fields that HF's Qwen2 config.json does not carry unless they are set.
+OMIT_WHEN_NONE = ("head_dim", "dual_chunk_attention_config")
+
 
 @dataclass
 class Qwen2Config:
@@ -146,7 +149,7 @@ class Qwen2Config:
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` dict (HF names; unknown keys from loading are put back)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {k: v for k, v in d.items() if v is not None or k in ("rope_scaling",)}
+        d = {k: v for k, v in d.items() if v is not None or k not in OMIT_WHEN_NONE}
         d.setdefault("architectures", ["Qwen2ForCausalLM"])
         return {**self.extra, **d}
 

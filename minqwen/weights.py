@@ -109,11 +109,19 @@ def check_dtype(dtype: object) -> torch.dtype:
     return dtype
 
 
-def check_state_dict(model: Qwen2ForCausalLM, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def expected_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of a model with this config (a tied head is not expected)."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")  # shares the embedding; tied checkpoints usually omit it
+    return shapes
+
+
+def check_state_dict(config: Qwen2Config, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
     """Raise ``ValueError`` listing every missing, unexpected or mis-shaped tensor."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # shares the embedding; tied checkpoints usually omit it
+    expected = expected_shapes(config)
     got = {name: tuple(t.shape) for name, t in state_dict.items()}
     problems = []
     missing = sorted(set(expected) - set(got))
@@ -134,7 +142,7 @@ def load_state_dict(model: Qwen2ForCausalLM, state_dict: dict[str, torch.Tensor]
 
     Tensors already in ``dtype`` are used as they are (no copy); the tie is restored afterwards.
     """
-    check_state_dict(model, state_dict, source)
+    check_state_dict(model.config, state_dict, source)
     if model.config.tie_word_embeddings:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
         state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
@@ -159,6 +167,22 @@ def load_hf_dir(path: str | Path, dtype: torch.dtype = torch.float32, attn_imple
     dtype = check_dtype(dtype)
     config = Qwen2Config.from_json(path / "config.json")
     return build_model(config, read_checkpoint_dir(path), dtype, attn_implementation, source=str(path))
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike = "qwen2.5-coder-0.5b-instruct",
+    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> Qwen2ForCausalLM:
+    """Load a Qwen2 checkpoint: a known name, a local ``.gguf``, an HF directory or a hub repo id.
+
+    Names and GGUF files are fetched / converted once into the cache (see :mod:`minqwen.hub`);
+    every later call is a memory-mapped safetensors read.
+    """
+    from .hub import resolve
+
+    dtype = check_dtype(dtype)  # fail on a bad dtype before any download
+    return load_hf_dir(resolve(name_or_path), dtype, attn_implementation)
 
 
 # --------------------------------------------------------------------------- saving

@@ -1,0 +1,75 @@
+"""Qwen2Config: HF field names, round trips, presets and clear errors."""
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from minqwen import Qwen2Config, Qwen2ForCausalLM
+
+transformers = pytest.importorskip("transformers", reason="transformers is in requirements-dev.txt")
+
+
+def test_hf_config_json_loads_and_round_trips(tmp_path):
+    hf = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    config = Qwen2Config.from_json(tmp_path / "config.json")
+    assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (64, 2, True)
+    assert config.num_key_value_groups == 4 and config.head_size == 8
+    saved = json.loads((tmp_path / "config.json").read_text())
+    again = config.to_dict()
+    assert {k: again[k] for k in saved if k in again} == {k: saved[k] for k in saved if k in again}
+    assert set(saved) <= set(again), "unknown keys must be kept aside and written back"
+    back = transformers.Qwen2Config(**again)
+    assert back.num_key_value_heads == 2 and back.hidden_size == 64
+
+
+def test_unknown_keys_are_kept_not_fatal():
+    config = tiny_config()
+    d = {**config.to_dict(), "some_future_field": [1, 2]}
+    loaded = Qwen2Config.from_dict(d)
+    assert loaded.extra["some_future_field"] == [1, 2]
+    assert loaded.to_dict()["some_future_field"] == [1, 2]
+
+
+def test_missing_required_field_is_named():
+    d = tiny_config().to_dict()
+    del d["intermediate_size"]
+    with pytest.raises(ValueError, match="intermediate_size"):
+        Qwen2Config.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "overrides,culprit",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "num_attention_heads"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_inconsistent_values_are_named(overrides, culprit):
+    d = {**tiny_config().to_dict(), **overrides}
+    with pytest.raises(ValueError, match=culprit):
+        Qwen2Config.from_dict(d)
+
+
+def test_bad_json_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        Qwen2Config.from_json(tmp_path / "config.json")
+
+
+def test_rope_parameters_is_accepted():
+    d = {**tiny_config().to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}}
+    d.pop("rope_theta")
+    assert Qwen2Config.from_dict(d).rope_theta == 123.0
+
+
+def test_qwen2_0_5b_parameter_count():
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config.qwen2_0_5b())
+    assert model.num_parameters() == 494_032_768
+    assert model.num_parameters(exclude_embeddings=True) == 357_898_112

@@ -1,0 +1,125 @@
+"""Loading and saving HF-format directories: round trips both ways and clear errors."""
+
+import json
+
+import pytest
+import torch
+from helpers import assert_close, hf_twin, random_model, tiny_config
+from safetensors.torch import save_file
+
+import minqwen
+from minqwen.weights import read_safetensors
+
+transformers = pytest.importorskip("transformers", reason="transformers is in requirements-dev.txt")
+
+INPUT_IDS = torch.randint(0, 257, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_save_loads_in_minqwen(tmp_path, tied):
+    model = random_model(tiny_config(4, 2, tied=tied))
+    hf_twin(model).save_pretrained(tmp_path)
+    loaded = minqwen.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert_close(loaded(INPUT_IDS), model(INPUT_IDS))
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+
+
+def test_hf_sharded_save_loads_in_minqwen(tmp_path):
+    model = random_model(tiny_config(4, 2))
+    hf_twin(model).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert_close(minqwen.from_pretrained(tmp_path)(INPUT_IDS), model(INPUT_IDS))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_minqwen_save_loads_in_hf(tmp_path, tied):
+    model = random_model(tiny_config(6, 2, tied=tied))
+    minqwen.save_pretrained(model, tmp_path)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert_close(hf(INPUT_IDS).logits, model(INPUT_IDS))
+    assert not list(tmp_path.glob("*.tmp")), "temporary files must be renamed or removed"
+
+
+def test_bf16_load(tmp_path):
+    model = random_model(tiny_config())
+    minqwen.save_pretrained(model, tmp_path)
+    loaded = minqwen.from_pretrained(tmp_path, dtype="bfloat16")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+
+
+def _saved_tiny(tmp_path):
+    model = random_model(tiny_config())
+    minqwen.save_pretrained(model, tmp_path)
+    return dict(read_safetensors(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), r"missing: model\.layers\.1\.mlp\.up_proj\.weight"),
+        (lambda sd: sd.update({"model.layers.9.extra.weight": torch.zeros(2)}), r"unexpected: model\.layers\.9\.extra\.weight"),
+        (lambda sd: sd.update({"model.norm.weight": torch.zeros(5)}), r"model\.norm\.weight expected \(32,\) got \(5,\)"),
+    ],
+)
+def test_state_dict_mismatch_is_listed(tmp_path, edit, message):
+    state_dict = {k: v.clone() for k, v in _saved_tiny(tmp_path).items()}
+    edit(state_dict)
+    save_file(state_dict, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        minqwen.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    _saved_tiny(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated"):
+        minqwen.from_pretrained(tmp_path)
+
+
+def test_corrupt_header_names_the_file(tmp_path):
+    _saved_tiny(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        minqwen.from_pretrained(tmp_path)
+
+
+def test_directory_without_weights(tmp_path):
+    tiny_config().to_json(tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        minqwen.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    model = random_model(tiny_config(4, 2))
+    hf_twin(model).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=shard):
+        minqwen.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "int32", "complex64", "bogus", 3])
+def test_bad_dtype(tmp_path, dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        minqwen.from_pretrained(tmp_path, dtype=dtype)
+
+
+def test_loaded_weights_are_memory_mapped_views(tmp_path):
+    model = random_model(tiny_config())
+    minqwen.save_pretrained(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = read_safetensors(path)
+    header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    a, b = "model.embed_tokens.weight", "model.norm.weight"
+    file_distance = header[b]["data_offsets"][0] - header[a]["data_offsets"][0]
+    # Both tensors point into one mapping of the file: no copy was made.
+    assert tensors[b].data_ptr() - tensors[a].data_ptr() == file_distance
