@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from .config import Qwen2Config
+
 
 def run_check(name: str, answer: Callable[..., Any], expected: Callable[..., Any], *inputs: Any, atol: float = 1e-5) -> bool:
     """Compare ``answer(*inputs)`` with ``expected(*inputs)``; print the verdict, return True if right."""
@@ -30,3 +32,130 @@ def run_check(name: str, answer: Callable[..., Any], expected: Callable[..., Any
         assert got == want, f"{name}: got {got!r}, expected {want!r}"
     print(f"{name}: correct!")
     return True
+
+
+def tiny_config(**overrides: Any) -> Qwen2Config:
+    """A two-layer Qwen2 small enough for an exercise check to run in milliseconds."""
+    fields = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Qwen2Config(**{**fields, **overrides})
+
+
+# --------------------------------------------------------------------------- 00 overview
+def check_exercise_next_token(next_token: Callable[..., Any]) -> bool:
+    """Notebook 00: ``next_token(model, input_ids)`` -> the greedy next token id of each sequence (batch,)."""
+    from .model import Qwen2ForCausalLM
+
+    with torch.random.fork_rng():  # a fixed tiny model without touching the reader's random state
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(tiny_config()).eval()
+        input_ids = torch.randint(0, model.config.vocab_size, (3, 7))  # (batch, seq)
+    with torch.no_grad():
+        return run_check("greedy next token", next_token, lambda m, ids: m(ids)[:, -1].argmax(dim=-1), model, input_ids, atol=0)
+
+
+# --------------------------------------------------------------------------- 02 embeddings and RMSNorm
+def check_exercise_rms_norm(rms_norm: Callable[..., Any]) -> bool:
+    """Notebook 02: ``rms_norm(x, weight, eps)`` equals :class:`minqwen.norm.RMSNorm` with that weight."""
+    from .norm import RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=generator) * 3 + 1  # (batch, seq, hidden), off-centre on purpose
+    weight = 1 + 0.2 * torch.randn(16, generator=generator)  # (hidden,)
+    eps = 1e-6
+
+    def expected(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        norm = RMSNorm(x.shape[-1], eps)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            return norm(x)
+
+    return run_check("RMSNorm", rms_norm, expected, x, weight, eps)
+
+
+# --------------------------------------------------------------------------- 03 RoPE
+def check_exercise_rope_complex(rope_complex: Callable[..., Any]) -> bool:
+    """Notebook 03: ``rope_complex(x, positions, theta)`` (complex multiplication) equals minqwen's RoPE.
+
+    x is (batch, heads, seq, head_dim) in the split-halves layout, positions (seq,).
+    """
+    from .rope import RotaryEmbedding, apply_rotary
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 8, generator=generator)  # (batch, heads, seq, head_dim)
+    positions = torch.tensor([0, 1, 2, 7, 50, 1000])  # (seq,)
+    theta = 10000.0
+
+    def expected(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+        heads, head_dim = x.shape[1], x.shape[-1]
+        config = tiny_config(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=heads, rope_theta=theta)
+        cos, sin = RotaryEmbedding(config)(positions[None], torch.float32)  # (1, seq, head_dim) each
+        return apply_rotary(x, cos, sin)
+
+    return run_check("RoPE as complex multiplication", rope_complex, expected, x, positions, theta)
+
+
+# --------------------------------------------------------------------------- 04 attention with GQA
+def check_exercise_causal_mask(causal_mask: Callable[..., Any]) -> bool:
+    """Notebook 04: ``causal_mask(q_len, kv_len)`` -> (q_len, kv_len) bool, True where a query may look.
+
+    The queries are the *last* q_len of kv_len positions (the earlier keys come from a KV cache).
+    """
+    from .attention import causal_mask as reference_mask
+
+    def expected(q_len: int, kv_len: int) -> torch.Tensor:
+        mask = reference_mask(q_len, kv_len)  # (1, 1, q_len, kv_len), or None when every key is visible
+        return torch.ones(q_len, kv_len, dtype=torch.bool) if mask is None else mask[0, 0]
+
+    for q_len, kv_len in [(4, 4), (3, 7), (1, 6), (2, 9)]:
+        if not run_check(f"causal mask, {q_len} queries over {kv_len} keys", causal_mask, expected, q_len, kv_len, atol=0):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- 05 SwiGLU
+def check_exercise_swiglu(swiglu: Callable[..., Any]) -> bool:
+    """Notebook 05: ``swiglu(x, w_gate, w_up, w_down)`` equals :class:`minqwen.mlp.Qwen2MLP`.
+
+    The weights are in ``nn.Linear`` layout (out_features, in_features).
+    """
+    from .mlp import Qwen2MLP
+
+    config = tiny_config(hidden_size=16, intermediate_size=40)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=generator)  # (batch, seq, hidden)
+    w_gate, w_up = (torch.randn(40, 16, generator=generator) / 4 for _ in range(2))  # (intermediate, hidden)
+    w_down = torch.randn(16, 40, generator=generator) / 6  # (hidden, intermediate)
+
+    def expected(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        mlp = Qwen2MLP(config)
+        mlp.load_state_dict({"gate_proj.weight": w_gate, "up_proj.weight": w_up, "down_proj.weight": w_down})
+        with torch.no_grad():
+            return mlp(x)
+
+    return run_check("SwiGLU MLP", swiglu, expected, x, w_gate, w_up, w_down)
+
+
+# --------------------------------------------------------------------------- 06 the full model
+def check_exercise_parameter_count(count_parameters: Callable[..., Any]) -> bool:
+    """Notebook 06: ``count_parameters(config)`` -> the model's parameter count, from the config alone.
+
+    Checked on the Qwen2-0.5B preset (tied head), the same untied, and a tiny config whose
+    query and key/value heads differ. The models are built on the meta device: no memory used.
+    """
+    from .model import Qwen2ForCausalLM
+
+    def expected(config: Qwen2Config) -> int:
+        with torch.device("meta"):
+            return Qwen2ForCausalLM(config).num_parameters()
+
+    preset = Qwen2Config.qwen2_0_5b()
+    configs = {
+        "Qwen2-0.5B (tied)": preset,
+        "Qwen2-0.5B untied": Qwen2Config.from_dict({**preset.to_dict(), "tie_word_embeddings": False}),
+        "tiny (6 heads, 2 kv heads)": tiny_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=2),
+    }
+    for name, config in configs.items():
+        if not run_check(f"parameter count, {name}", count_parameters, expected, config):
+            return False
+    return True
+

@@ -1,0 +1,128 @@
+"""The notebooks' exercise checks: a right answer passes, a wrong one raises, a stub says "not done yet".
+
+The right answers here are the notebooks' solutions, written independently of minqwen's modules.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minqwen import exercises
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+# ------------------------------------------------------------------ right answers (the notebooks' solutions)
+def next_token(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids)[:, -1, :].argmax(dim=-1)
+
+
+def rms_norm(x, weight, eps):
+    return weight * x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def rope_complex(x, positions, theta):
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half) * 2 / x.shape[-1])
+    rotation = torch.polar(torch.ones(len(positions), half), positions[:, None].float() * inv_freq)
+    z = torch.complex(x[..., :half], x[..., half:]) * rotation
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def causal_mask(q_len, kv_len):
+    return torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+
+
+def count_parameters(config):
+    hidden, kv_width = config.hidden_size, config.num_key_value_heads * config.head_size
+    q_width = config.num_attention_heads * config.head_size
+    attention = hidden * q_width + q_width + 2 * (hidden * kv_width + kv_width) + q_width * hidden
+    mlp = 3 * hidden * config.intermediate_size
+    layer = attention + mlp + 2 * hidden
+    embedding = config.vocab_size * hidden
+    head = 0 if config.tie_word_embeddings else embedding
+    return embedding + config.num_hidden_layers * layer + hidden + head
+
+
+# ------------------------------------------------------------------ wrong answers: each a classic mistake
+def next_token_first_position(model, input_ids):
+    return model(input_ids)[:, 0, :].argmax(dim=-1)
+
+
+def layer_norm_instead(x, weight, eps):
+    return weight * F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def rope_interleaved_pairs(x, positions, theta):
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half) * 2 / x.shape[-1])
+    rotation = torch.polar(torch.ones(len(positions), half), positions[:, None].float() * inv_freq)
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], half, 2).contiguous()) * rotation
+    return torch.view_as_real(z).flatten(-2)
+
+
+def mask_without_cache_offset(q_len, kv_len):
+    return torch.ones(q_len, kv_len, dtype=torch.bool).tril()
+
+
+def swiglu_gate_on_up(x, w_gate, w_up, w_down):
+    return ((x @ w_gate.T) * F.silu(x @ w_up.T)) @ w_down.T
+
+
+def count_parameters_head_always_counted(config):
+    return count_parameters(config) + (config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0)
+
+
+CASES = [
+    (exercises.check_exercise_next_token, next_token, next_token_first_position),
+    (exercises.check_exercise_rms_norm, rms_norm, layer_norm_instead),
+    (exercises.check_exercise_rope_complex, rope_complex, rope_interleaved_pairs),
+    (exercises.check_exercise_causal_mask, causal_mask, mask_without_cache_offset),
+    (exercises.check_exercise_swiglu, swiglu, swiglu_gate_on_up),
+    (exercises.check_exercise_parameter_count, count_parameters, count_parameters_head_always_counted),
+]
+IDS = [check.__name__ for check, _, _ in CASES]
+
+
+@pytest.mark.parametrize("check,right,wrong", CASES, ids=IDS)
+def test_right_answer_passes(check, right, wrong, capsys):
+    assert check(right) is True
+    assert "correct!" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("check,right,wrong", CASES, ids=IDS)
+def test_wrong_answer_raises(check, right, wrong):
+    with pytest.raises(AssertionError):
+        check(wrong)
+
+
+@pytest.mark.parametrize("check,right,wrong", CASES, ids=IDS)
+def test_stub_prints_not_done_yet(check, right, wrong, capsys):
+    assert check(stub) is False
+    out = capsys.readouterr().out
+    assert "not done yet" in out and "correct!" not in out
+
+
+def test_wrong_shape_names_the_exercise():
+    with pytest.raises(AssertionError, match=r"RMSNorm: shape \(2, 5\), expected \(2, 5, 16\)"):
+        exercises.check_exercise_rms_norm(lambda x, weight, eps: rms_norm(x, weight, eps).sum(-1))
+
+
+def test_next_token_check_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    exercises.check_exercise_next_token(next_token)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_tiny_config_overrides():
+    config = exercises.tiny_config(hidden_size=48, num_attention_heads=6)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (48, 6, 2)
