@@ -4,12 +4,14 @@
 >>> model = minqwen.from_pretrained("path/to/Qwen2-0.5B")  # doctest: +SKIP
 """
 
+from . import hub
 from .cache import KVCache
 from .config import Qwen2Config
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .weights import from_pretrained, save_pretrained
 
 __all__ = [
+    "hub",
     "KVCache",
     "Qwen2Config",
     "Qwen2DecoderLayer",

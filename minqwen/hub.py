@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 DEFAULT_CHECKPOINT = "qwen2.5-coder-0.5b-instruct"
 CACHE_ENV = "MINQWEN_CACHE"
+# Bumped whenever the GGUF -> HF conversion changes, so stale converted directories are not reused.
+CONVERSION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed); other processes wait here."""
+def file_lock(name: str) -> Iterator[None]:
+    """Hold the exclusive lock ``<cache>/locks/<name>.lock``; other processes wait here."""
+    path = cache_dir() / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -89,12 +92,15 @@ def publish_dir(build: Callable[[Path], None], target: Path) -> Path:
     Under a lock: if another process finished first, its result is used. If ``build`` fails, the
     temporary directory is removed and ``target`` stays absent.
     """
-    with file_lock(target.parent / f".{target.name}.lock"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{target.parent.name}-{target.name}"):
         if target.is_dir():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             build(tmp)
+            for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private; the cache is not
+                path.chmod(0o755 if path.is_dir() else 0o644)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -152,7 +158,7 @@ def fetch(checkpoint: RegistryCheckpoint, download: Callable[[str, str, Path], P
     """The verified GGUF of a registry checkpoint in the cache, downloading it the first time."""
     target = cache_dir() / "gguf" / checkpoint.file_name
     target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(f"gguf-{target.name}"):
         if target.is_file():
             return target
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
@@ -184,6 +190,11 @@ def hub_download(repo_id: str) -> Path:
 
 
 # --------------------------------------------------------------------------- resolving
+def converted_dir(key: str) -> Path:
+    """Where the HF-format conversion of a GGUF checkpoint lives in the cache."""
+    return cache_dir() / "hf" / f"{key}.v{CONVERSION_VERSION}"
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local HF-format directory for a name, a ``.gguf`` file, an HF directory or a hub id."""
     from .gguf_file import convert_gguf  # GGUF support pulls in numpy and gguf: only when needed
@@ -198,11 +209,11 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; pass a .gguf file or an HF-format directory")
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return publish_dir(lambda out: convert_gguf(path, out), cache_dir() / "hf" / f"{path.stem}-{key}")
+        return publish_dir(lambda out: convert_gguf(path, out), converted_dir(f"{path.stem}-{key}"))
     name = str(name_or_path)
     if name in CHECKPOINTS:
         checkpoint = CHECKPOINTS[name]
-        target = cache_dir() / "hf" / name
+        target = converted_dir(name)
         if target.is_dir():
             return target
         gguf_path = fetch(checkpoint)
