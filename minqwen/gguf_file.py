@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import Qwen2Config
+from .tokenizer import tokenizer_files_from_gguf
 from .weights import check_state_dict
 
 # llama.cpp name -> HF name, for tensors outside the blocks and for the parts of a block.
@@ -150,10 +152,6 @@ def convert_gguf(path: str | Path, out_dir: str | Path) -> None:
     Weights are stored in float32: dequantised values are exact there, so every later load in
     any dtype starts from the same numbers.
     """
-    from safetensors.torch import save_file
-
-    from .tokenizer import tokenizer_files_from_gguf
-
     out_dir = Path(out_dir)
     reader = open_gguf(path)
     config = config_from_gguf(reader)
