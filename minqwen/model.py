@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Qwen2Attention, causal_mask
 from .cache import KVCache
 from .config import Qwen2Config
+from .dca import DualChunkRope, DualChunkSettings, check_dca_inputs
 from .mlp import Qwen2MLP
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -36,9 +38,10 @@ class Qwen2DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
+        dca: DualChunkRope | None = None,
     ) -> torch.Tensor:
         """x (batch, seq, hidden) -> (batch, seq, hidden)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, dca)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -54,6 +57,8 @@ class Qwen2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.dual_chunk = DualChunkSettings.from_config(config)  # None unless DCA is configured
+        self.gradient_checkpointing = False  # training: recompute each layer in backward, keep only its input
 
     def forward(
         self,
@@ -65,13 +70,37 @@ class Qwen2Model(nn.Module):
         """See :meth:`Qwen2ForCausalLM.forward`; returns hidden states (batch, seq, hidden)."""
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
+        if self.dual_chunk is not None:
+            return self._dual_chunk_forward(input_ids, position_ids, attention_mask, cache)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (batch, seq, head_dim) each
         masks = self._masks(seq, past + seq, attention_mask, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, masks[layer.uses_sliding_window], cache)
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, masks[layer.uses_sliding_window], cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[layer.uses_sliding_window], cache)
+        if cache is not None:
+            cache.advance(seq)
+        return self.norm(x)
+
+    def _dual_chunk_forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """The forward with Dual Chunk Attention: positions come from the cache index."""
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        check_dca_inputs(position_ids, attention_mask, past, seq)
+        x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
+        dca = DualChunkRope.build(self.rotary_emb, self.dual_chunk, batch, past, seq, x.dtype, x.device)
+        for layer in self.layers:
+            x = layer(x, *dca.key, None, cache, dca)
         if cache is not None:
             cache.advance(seq)
         return self.norm(x)
