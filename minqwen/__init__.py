@@ -7,6 +7,7 @@
 from . import hub
 from .cache import KVCache
 from .config import Qwen2Config
+from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .weights import from_pretrained, save_pretrained
 
@@ -18,6 +19,7 @@ __all__ = [
     "Qwen2ForCausalLM",
     "Qwen2Model",
     "from_pretrained",
+    "lm_loss",
     "save_pretrained",
 ]
 __version__ = "0.1.0"
