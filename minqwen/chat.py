@@ -1,0 +1,207 @@
+"""A conversation with an instruct model: history, ChatML prompts, streamed replies.
+
+Instruct checkpoints were fine-tuned on conversations written in ChatML::
+
+    <|im_start|>system
+    You are a helpful assistant.<|im_end|>
+    <|im_start|>user
+    Hi!<|im_end|>
+    <|im_start|>assistant
+    Hello! How can I help?<|im_end|>
+
+The tokenizer's chat template writes that text; the model continues after
+``<|im_start|>assistant\\n`` and ends its turn with ``<|im_end|>`` (a stop id). Every turn the
+whole conversation is the prompt -- but it starts with the previous turn's prompt and reply,
+whose keys and values are still in the KV cache, so only the new tokens are computed. When the
+conversation outgrows the context, the oldest turns are dropped (the system prompt never is).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator, Protocol
+
+from .cache import KVCache
+from .generate import (
+    GenerationStep,
+    Sampler,
+    StreamDecoder,
+    TextStream,
+    check_max_new_tokens,
+    context_length,
+    fit_to_context,
+    generate_steps,
+)
+from .model import Qwen2ForCausalLM
+
+DEFAULT_CHAT_MAX_NEW_TOKENS = 512
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+class ChatTokenizer(Protocol):
+    """What :class:`Chat` needs from a tokenizer (``minqwen.Tokenizer`` has it)."""
+
+    def encode(self, text: str, allowed_special: object = ()) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def stream_decoder(self) -> StreamDecoder: ...
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False) -> str: ...
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def warn(message: str) -> None:
+    """Default way for :class:`Chat` to say it dropped turns: a ``UserWarning``."""
+    warnings.warn(message, stacklevel=4)
+
+
+class Chat:
+    """Talk to ``model``: ``chat.send("Hi")`` returns the reply, ``chat.stream("Hi")`` streams it.
+
+    system: the system prompt (None: the chat template's default). Sampling settings are those of
+    :func:`minqwen.generate` (greedy by default). context_length: tokens the conversation may use
+    (default: the model's context); each prompt leaves room for ``max_new_tokens`` of reply, and
+    when it would not, the oldest user/assistant turns are dropped and ``notify`` is told why
+    (default: a ``UserWarning``).
+    """
+
+    def __init__(
+        self,
+        model: Qwen2ForCausalLM,
+        tokenizer: ChatTokenizer,
+        system: str | None = None,
+        max_new_tokens: int = DEFAULT_CHAT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        context_length: int | None = None,
+        notify: Callable[[str], None] = warn,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
+        self.context_length = check_context_length(model, context_length)
+        self.max_new_tokens = check_max_new_tokens(max_new_tokens)
+        if not 0 < max_new_tokens < self.context_length:
+            raise ValueError(
+                f"max_new_tokens must be between 1 and context_length - 1 = {self.context_length - 1}, got {max_new_tokens}"
+            )
+        self.notify = notify
+        self.turns: list[Message] = []  # user and assistant messages, oldest first
+        self._cache: KVCache | None = None  # keys/values of ``_cached_ids``, reused next turn
+        self._cached_ids: list[int] = []
+
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation as the chat template sees it (system prompt first, if any)."""
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return system + self.turns
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.turns = []
+
+    def send(self, text: str) -> str:
+        """Add a user message, generate the whole reply and return it."""
+        return self.stream(text).text()
+
+    def stream(self, text: str) -> TextStream:
+        """Add a user message; iterate the result for the reply's text as it is generated.
+
+        The reply joins the history when the stream ends -- also when it is cut short, so the
+        history shows what was said.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the message is empty: type something for the model to answer")
+        user = {"role": "user", "content": text}
+        prompt = self.fit_prompt(user)
+        max_new = fit_to_context(self.model, [prompt], self.max_new_tokens)
+        cache = self.reusable_cache(prompt, len(prompt) + max_new)
+        steps = generate_steps(self.model, [prompt], max_new, self.sampler, cache=cache)
+        return TextStream(self._remember(steps, user, prompt, cache), self.tokenizer)
+
+    # ------------------------------------------------------------------ prompt and history
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of the ChatML prompt for ``messages``, ending with the assistant header."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, allowed_special="all")
+
+    def fit_prompt(self, user: Message) -> list[int]:
+        """The prompt for history + ``user``, dropping the oldest turns until the reply fits."""
+        budget = self.context_length - self.max_new_tokens
+        system = self.messages[: len(self.messages) - len(self.turns)]
+        turns = self.turns
+        prompt = self.prompt_ids(system + turns + [user])
+        while len(prompt) > budget and turns:
+            turns = turns[2:]  # one user message and its reply
+            prompt = self.prompt_ids(system + turns + [user])
+        if len(prompt) > budget:
+            raise ValueError(
+                f"the message needs {len(prompt)} tokens with the system prompt; with {self.max_new_tokens} "
+                f"kept for the reply that exceeds the {self.context_length}-token context"
+            )
+        if len(turns) < len(self.turns):
+            dropped = (len(self.turns) - len(turns)) // 2
+            self.notify(f"dropped the {dropped} oldest turn(s) to fit the {self.context_length}-token context")
+            self.turns = turns
+        return prompt
+
+    def _remember(
+        self, steps: Iterator[GenerationStep], user: Message, prompt: list[int], cache: KVCache
+    ) -> Iterator[GenerationStep]:
+        """Pass the steps through; at the end record the turn and what the cache now holds."""
+        reply: list[int] = []
+        try:
+            for step in steps:
+                if step.token_ids[0] is not None:
+                    reply.append(step.token_ids[0])
+                yield step
+        finally:
+            self.turns += [user, {"role": "assistant", "content": self.tokenizer.decode(reply)}]
+            self._cached_ids = (prompt + reply)[: cache.length]
+
+    # ------------------------------------------------------------------ KV cache reuse
+    def reusable_cache(self, prompt: list[int], needed: int) -> KVCache:
+        """A cache holding the longest prefix of ``prompt`` computed before, with room for ``needed``.
+
+        At least the prompt's last token is left to run, since its logits give the first reply
+        token. The cache grows (copying what it holds) when a turn needs more room.
+        """
+        keep = min(common_prefix_length(self._cached_ids, prompt), len(prompt) - 1)
+        if self._cache is None or self._cache.max_seq_len < needed:
+            self._cache = self.grown_cache(keep, needed)
+        self._cache.length = keep  # forget what lies after the shared prefix
+        return self._cache
+
+    def grown_cache(self, keep: int, needed: int) -> KVCache:
+        """A new cache for at least ``needed`` tokens (doubling, so growing is rare); copy ``keep``."""
+        old_capacity = self._cache.max_seq_len if self._cache is not None else 0
+        capacity = min(max(needed, 2 * old_capacity), self.context_length)
+        cache = self.model.make_cache(1, capacity)
+        if self._cache is not None and keep:
+            cache.keys[..., :keep, :] = self._cache.keys[..., :keep, :]
+            cache.values[..., :keep, :] = self._cache.values[..., :keep, :]
+        return cache
+
+
+def check_context_length(model: Qwen2ForCausalLM, requested: int | None) -> int:
+    """The chat's context: ``requested`` if it is a positive int within the model's, else its own."""
+    limit = context_length(model)
+    if requested is None:
+        return limit
+    if not isinstance(requested, int) or isinstance(requested, bool) or not 0 < requested <= limit:
+        raise ValueError(f"context_length must be an integer in [1, {limit}] (the model's context), got {requested!r}")
+    return requested
