@@ -6,7 +6,9 @@
 
 from . import hub
 from .cache import KVCache
+from .chat import Chat
 from .config import Qwen2Config
+from .generate import generate, stream
 from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .tokenizer import Tokenizer
@@ -15,13 +17,16 @@ from .weights import from_pretrained, save_pretrained
 __all__ = [
     "hub",
     "KVCache",
+    "Chat",
     "Qwen2Config",
     "Qwen2DecoderLayer",
     "Qwen2ForCausalLM",
     "Qwen2Model",
     "Tokenizer",
     "from_pretrained",
+    "generate",
     "lm_loss",
     "save_pretrained",
+    "stream",
 ]
 __version__ = "0.1.0"
