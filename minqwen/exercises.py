@@ -55,7 +55,11 @@ def check_exercise_next_token(next_token: Callable[..., Any]) -> bool:
 
 # --------------------------------------------------------------------------- 02 embeddings and RMSNorm
 def check_exercise_rms_norm(rms_norm: Callable[..., Any]) -> bool:
-    """Notebook 02: ``rms_norm(x, weight, eps)`` equals :class:`minqwen.norm.RMSNorm` with that weight."""
+    """Notebook 02: ``rms_norm(x, weight, eps)`` equals :class:`minqwen.norm.RMSNorm` with that weight.
+
+    Checked in fp32 (to 1e-5) and in bf16 bit for bit: HF's Qwen2 computes the statistics in fp32,
+    casts the normalised vector back to the input dtype and only then multiplies by the weight.
+    """
     from .norm import RMSNorm
 
     generator = torch.Generator().manual_seed(0)
@@ -64,12 +68,14 @@ def check_exercise_rms_norm(rms_norm: Callable[..., Any]) -> bool:
     eps = 1e-6
 
     def expected(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        norm = RMSNorm(x.shape[-1], eps)
+        norm = RMSNorm(x.shape[-1], eps).to(weight.dtype)
         with torch.no_grad():
             norm.weight.copy_(weight)
             return norm(x)
 
-    return run_check("RMSNorm", rms_norm, expected, x, weight, eps)
+    return run_check("RMSNorm in fp32", rms_norm, expected, x, weight, eps) and run_check(
+        "RMSNorm in bf16, bit for bit", rms_norm, expected, x.bfloat16(), weight.bfloat16(), eps, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- 03 RoPE

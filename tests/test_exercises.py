@@ -21,7 +21,9 @@ def next_token(model, input_ids):
 
 
 def rms_norm(x, weight, eps):
-    return weight * x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    x32 = x.float()
+    normalized = x32 / torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
 
 
 def rope_complex(x, positions, theta):
@@ -58,6 +60,11 @@ def next_token_first_position(model, input_ids):
 
 def layer_norm_instead(x, weight, eps):
     return weight * F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def rms_norm_weight_before_cast(x, weight, eps):
+    x32 = x.float()
+    return (weight.float() * x32 / torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rope_interleaved_pairs(x, positions, theta):
@@ -110,8 +117,14 @@ def test_stub_prints_not_done_yet(check, right, wrong, capsys):
     assert "not done yet" in out and "correct!" not in out
 
 
+def test_rms_norm_check_is_bit_exact_in_bf16(capsys):
+    with pytest.raises(AssertionError, match="RMSNorm in bf16"):
+        exercises.check_exercise_rms_norm(rms_norm_weight_before_cast)
+    assert "RMSNorm in fp32: correct!" in capsys.readouterr().out
+
+
 def test_wrong_shape_names_the_exercise():
-    with pytest.raises(AssertionError, match=r"RMSNorm: shape \(2, 5\), expected \(2, 5, 16\)"):
+    with pytest.raises(AssertionError, match=r"RMSNorm in fp32: shape \(2, 5\), expected \(2, 5, 16\)"):
         exercises.check_exercise_rms_norm(lambda x, weight, eps: rms_norm(x, weight, eps).sum(-1))
 
 
