@@ -45,6 +45,15 @@ def random_model(config: Qwen2Config, seed: int = 0, attn_implementation: str = 
     return randomize_(Qwen2ForCausalLM(config, attn_implementation), seed).eval()
 
 
+def tiny_model_with_qwen_vocab(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A tiny random model over the real tokenizer's ids (151,665) with Qwen's stop ids.
+
+    Chat, streaming and CLI plumbing run on it in milliseconds with real text in and out.
+    """
+    fields = dict(vocab_size=151665, eos_token_id=[151645, 151643], max_position_embeddings=4096)
+    return random_model(tiny_config(**{**fields, **overrides}), seed)
+
+
 def hf_config(config: Qwen2Config, attn_implementation: str = "eager"):
     """The same config as a ``transformers.Qwen2Config``."""
     import transformers
@@ -74,4 +83,4 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     )
 
 
-__all__ = ["TOLERANCE", "tiny_config", "randomize_", "random_model", "hf_config", "hf_twin", "assert_close", "minqwen"]
+__all__ = ["TOLERANCE", "tiny_config", "randomize_", "random_model", "tiny_model_with_qwen_vocab", "hf_config", "hf_twin", "assert_close", "minqwen"]
