@@ -10,6 +10,7 @@ Qwen2 (like HF's Llama) uses the "split halves" layout: channel ``i`` is paired 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .config import Qwen2Config
 
-InvFreqFn = Callable[[Qwen2Config, dict[str, Any]], tuple[torch.Tensor, float]]
+InvFreqFn = Callable[..., tuple[torch.Tensor, float]]
 
 
 def default_inv_freq(config: Qwen2Config, scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
@@ -33,8 +34,108 @@ def linear_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch
     return inv_freq / float(scaling["factor"]), 1.0
 
 
+def dynamic_ntk_inv_freq(
+    config: Qwen2Config, scaling: dict[str, Any], seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Dynamic NTK scaling: past ``max_position_embeddings`` the base grows with the sequence length.
+
+    ``base' = theta * (factor * L / L_max - (factor - 1)) ** (d / (d - 2))`` with
+    ``L = max(seq_len, L_max)``, so sequences that fit keep the trained frequencies exactly.
+    Unlike static scalings the frequencies depend on ``seq_len``: :class:`RotaryEmbedding`
+    recomputes them on every call from the largest position it is given.
+    """
+    dim, trained = config.head_size, config.max_position_embeddings
+    length = max(seq_len or trained, trained)
+    factor = float(scaling["factor"])
+    base = config.rope_theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (base**exponents), 1.0
+
+
+# --------------------------------------------------------------------------- YaRN
+def yarn_attention_factor(factor: float, scaling: dict[str, Any]) -> float:
+    """YaRN's attention temperature, the number cos and sin are multiplied by.
+
+    Softmax logits get ``attention_factor ** 2`` times larger, which sharpens attention that long
+    contexts would otherwise blur. An explicit ``attention_factor`` wins; else
+    ``0.1 * ln(factor) + 1`` (DeepSeek's ``mscale``/``mscale_all_dim`` variant when both are set).
+    """
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
+
+
+def yarn_correction_range(
+    dim: int, base: float, original_max: int, beta_fast: float, beta_slow: float, truncate: bool = True
+) -> tuple[float, float]:
+    """Frequency indices (of the ``dim/2`` pairs) where YaRN's ramp starts and ends.
+
+    Pair ``i`` turns ``original_max / (2 pi theta^(2i/dim))`` times over the trained context.
+    Pairs turning more than ``beta_fast`` times are left alone (they already saw every angle),
+    pairs turning fewer than ``beta_slow`` times are interpolated; solving for ``i`` gives the range.
+    """
+
+    def index_for(num_rotations: float) -> float:
+        return dim * math.log(original_max / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = index_for(beta_fast), index_for(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def linear_ramp(low: float, high: float, size: int) -> torch.Tensor:
+    """(size,) values rising linearly from 0 at index ``low`` to 1 at index ``high``, clamped."""
+    if low == high:
+        high += 0.001  # avoid dividing by zero, as HF does
+    return ((torch.arange(size, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+
+
+def yarn_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): interpolate the slow frequencies only, and sharpen attention.
+
+    Each frequency is a blend ``extrapolated * (1 - ramp) + interpolated * ramp`` where
+    "extrapolated" is plain RoPE, "interpolated" is divided by ``factor`` and the ramp
+    (:func:`linear_ramp` over :func:`yarn_correction_range`) is 0 for fast pairs and 1 for slow
+    ones. Same semantics as transformers 5.23's ``_compute_yarn_parameters``: an explicit
+    ``factor`` wins over ``max_position_embeddings / original_max_position_embeddings``.
+    """
+    dim, base = config.head_size, config.rope_theta
+    original_max = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else config.max_position_embeddings / original_max
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)  # wavelength / 2 pi of each pair
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    low, high = yarn_correction_range(
+        dim,
+        base,
+        original_max,
+        scaling.get("beta_fast") or 32,
+        scaling.get("beta_slow") or 1,
+        scaling.get("truncate", True),
+    )
+    ramp = linear_ramp(low, high, dim // 2)  # 0: keep the frequency, 1: divide it by factor
+    inv_freq = extrapolated * (1 - ramp) + interpolated * ramp
+    return inv_freq, yarn_attention_factor(factor, scaling)
+
+
 # rope_type -> function returning (inv_freq, attention_factor). Long-context types register here.
-ROPE_INV_FREQ: dict[str, InvFreqFn] = {"default": default_inv_freq, "linear": linear_inv_freq}
+ROPE_INV_FREQ: dict[str, InvFreqFn] = {
+    "default": default_inv_freq,
+    "linear": linear_inv_freq,
+    "dynamic": dynamic_ntk_inv_freq,
+    "yarn": yarn_inv_freq,
+}
+# Types whose frequencies depend on the sequence length (their function takes ``seq_len``).
+LENGTH_DEPENDENT_ROPE = {"dynamic"}
+# Keys each type needs in rope_scaling, checked before any maths so the error names the key.
+REQUIRED_ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ()}
 
 
 def rope_type(config: Qwen2Config) -> str:
@@ -43,13 +144,27 @@ def rope_type(config: Qwen2Config) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rope_inv_freq(config: Qwen2Config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) and the factor that multiplies cos and sin."""
-    kind = rope_type(config)
+def check_rope_scaling(config: Qwen2Config) -> str:
+    """The RoPE type after checking ``rope_scaling`` names a known type with its required keys."""
+    kind, scaling = rope_type(config), config.rope_scaling or {}
     if kind not in ROPE_INV_FREQ:
         raise ValueError(
             f"rope_scaling type {kind!r} is not supported; known types: {sorted(ROPE_INV_FREQ)}"
         )
+    missing = [key for key in REQUIRED_ROPE_KEYS.get(kind, ()) if scaling.get(key) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}; got {scaling}")
+    return kind
+
+
+def rope_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the factor that multiplies cos and sin.
+
+    ``seq_len`` matters only for length-dependent types (dynamic NTK).
+    """
+    kind = check_rope_scaling(config)
+    if kind in LENGTH_DEPENDENT_ROPE:
+        return ROPE_INV_FREQ[kind](config, config.rope_scaling, seq_len=seq_len)
     return ROPE_INV_FREQ[kind](config, config.rope_scaling or {})
 
 
@@ -58,14 +173,25 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
+        self.config = config
+        self.length_dependent = check_rope_scaling(config) in LENGTH_DEPENDENT_ROPE
         inv_freq, self.attention_factor = rope_inv_freq(config)
         # Not in the state dict (HF does the same): it is recomputed from the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (batch, seq) -> cos, sin each (batch, seq, head_dim), computed in fp32."""
-        angles = position_ids[..., None].float() * self.inv_freq.float()  # (batch, seq, head_dim/2)
+        """position_ids (batch, seq) -> cos, sin each (batch, seq, head_dim), computed in fp32.
+
+        Length-dependent scalings (dynamic NTK) use the frequencies for a sequence that ends at
+        the largest position given; HF keeps the largest length seen so far instead, which is
+        the same while positions only grow (prefill, then decode).
+        """
+        inv_freq = self.inv_freq
+        if self.length_dependent and position_ids.numel():
+            seq_len = int(position_ids.max()) + 1
+            inv_freq = rope_inv_freq(self.config, seq_len)[0].to(inv_freq.device)
+        angles = position_ids[..., None].float() * inv_freq.float()  # (batch, seq, head_dim/2)
         angles = torch.cat((angles, angles), dim=-1)  # (batch, seq, head_dim): split-halves layout
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor
