@@ -113,7 +113,7 @@ def check_exercise_causal_mask(causal_mask: Callable[..., Any]) -> bool:
         return torch.ones(q_len, kv_len, dtype=torch.bool) if mask is None else mask[0, 0]
 
     for q_len, kv_len in [(4, 4), (3, 7), (1, 6), (2, 9)]:
-        if not run_check(f"causal mask, {q_len} queries over {kv_len} keys", causal_mask, expected, q_len, kv_len, atol=0):
+        if not run_check(f"causal mask, q_len={q_len}, kv_len={kv_len}", causal_mask, expected, q_len, kv_len, atol=0):
             return False
     return True
 
