@@ -63,7 +63,7 @@ class Tokenizer:
 
     ``backend="python"`` runs the from-scratch BPE of :mod:`minqwen.bpe`; ``"tiktoken"`` runs the
     same ranks in tiktoken's Rust core; ``"auto"`` (the default) picks tiktoken when it gives
-    the same ids (:func:`minqwen.bpe.tiktoken_compatible`), Python otherwise.
+    the same ids (:func:`minqwen.bpe.tiktoken_compatible`, the cheap check), Python otherwise.
     """
 
     def __init__(
@@ -121,11 +121,7 @@ class Tokenizer:
         """Load from a directory with ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``),
         else from whatever :func:`minqwen.hub.resolve` makes of ``name_or_path`` (a checkpoint
         name, a ``.gguf`` file, a hub repo id)."""
-        directory = Path(name_or_path).expanduser()
-        if not directory.is_dir():
-            from .hub import resolve  # fetching and GGUF conversion only when needed
-
-            directory = resolve(name_or_path)
+        directory = tokenizer_directory(name_or_path)
         config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
         if (directory / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(directory / "tokenizer.json", config, backend)
@@ -361,6 +357,16 @@ def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+def tokenizer_directory(name_or_path: str | os.PathLike) -> Path:
+    """``name_or_path`` itself when it is a directory, else :func:`minqwen.hub.resolve`'s answer."""
+    directory = Path(name_or_path).expanduser()
+    if directory.is_dir():
+        return directory
+    from .hub import resolve  # fetching and GGUF conversion only when needed
+
+    return resolve(name_or_path)
+
+
 def _check_encodable(text: str) -> None:
     """A str holding a lone surrogate (e.g. from a bad JSON escape) is not text: say where it is."""
     try:
@@ -437,8 +443,8 @@ def train_bpe(text: str, vocab_size: int, pattern: str = QWEN2_PATTERN) -> Token
     """A byte-level BPE tokenizer trained on ``text``: 256 byte tokens plus up to
     ``vocab_size - 256`` merges (fewer if the text runs out of repeated pairs).
 
-    Ids 0-255 are the bytes in order, then one id per new merged token. Uses the Python backend:
-    tiktoken's rule can disagree on a freshly trained vocabulary (see :func:`tiktoken_compatible`).
+    Ids 0-255 are the bytes in order, then one id per new merged token. Uses the from-scratch
+    Python backend, the one the notebook derives.
     """
     if vocab_size < 256:
         raise ValueError(f"vocab_size must be at least 256 (one token per byte), got {vocab_size}")
