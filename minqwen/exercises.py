@@ -53,6 +53,27 @@ def check_exercise_next_token(next_token: Callable[..., Any]) -> bool:
         return run_check("greedy next token", next_token, lambda m, ids: m(ids)[:, -1].argmax(dim=-1), model, input_ids, atol=0)
 
 
+# --------------------------------------------------------------------------- 01 tokenizer
+def check_exercise_merge_pair(merge_pair: Callable[..., Any]) -> bool:
+    """Notebook 01: ``merge_pair(symbols, pair)`` glues every non-overlapping ``pair``, left to right."""
+    from .bpe import merge_pair as expected
+
+    cases = [
+        (["h", "u", "g", "s"], ("u", "g")),
+        (["a", "a", "a", "b"], ("a", "a")),  # overlapping: the left occurrence wins
+        (["Ġ", "t", "h", "e", "Ġ", "t", "h"], ("t", "h")),  # every occurrence
+        (["ab", "c", "ab", "c"], ("ab", "c")),  # symbols may already be merged
+        (["x"], ("x", "x")),
+        (["a", "b"], ("b", "a")),  # order matters
+    ]
+    return run_check(
+        "one merge step",
+        lambda cases: [merge_pair(list(symbols), pair) for symbols, pair in cases],
+        lambda cases: [expected(symbols, pair) for symbols, pair in cases],
+        cases,
+    )
+
+
 # --------------------------------------------------------------------------- 02 embeddings and RMSNorm
 def check_exercise_rms_norm(rms_norm: Callable[..., Any]) -> bool:
     """Notebook 02: ``rms_norm(x, weight, eps)`` equals :class:`minqwen.norm.RMSNorm` with that weight.
