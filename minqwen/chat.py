@@ -41,13 +41,13 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 class ChatTokenizer(Protocol):
     """What :class:`Chat` needs from a tokenizer (``minqwen.Tokenizer`` has it)."""
 
-    def encode(self, text: str, allowed_special: object = ()) -> list[int]: ...
-
     def decode(self, ids: list[int]) -> str: ...
 
     def stream_decoder(self) -> StreamDecoder: ...
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False) -> str: ...
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False
+    ) -> str | list[int]: ...
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -135,9 +135,11 @@ class Chat:
 
     # ------------------------------------------------------------------ prompt and history
     def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """Token ids of the ChatML prompt for ``messages``, ending with the assistant header."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, allowed_special="all")
+        """Token ids of the ChatML prompt for ``messages``, ending with the assistant header.
+
+        The template places the special tokens itself, so "<|im_end|>" typed in a message stays text.
+        """
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
     def fit_prompt(self, user: Message) -> list[int]:
         """The prompt for history + ``user``, dropping the oldest turns until the reply fits."""
