@@ -186,3 +186,18 @@ def check_exercise_parameter_count(count_parameters: Callable[..., Any]) -> bool
             return False
     return True
 
+
+# --------------------------------------------------------------------------- 07 loading weights
+def check_exercise_q8_0(dequantize_q8_0: Callable[..., Any], tensor: Any) -> bool:
+    """Notebook 07: decode the raw bytes of a Q8_0 GGUF tensor (a ``gguf`` ReaderTensor)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    assert tensor.tensor_type == GGMLQuantizationType.Q8_0, f"{tensor.name} is {tensor.tensor_type.name}, not Q8_0"
+    raw = np.asarray(tensor.data).ravel()  # (n_blocks * 34,) uint8
+
+    def flat(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda data: torch.from_numpy(np.asarray(fn(data), dtype=np.float32).ravel())
+
+    return run_check("Q8_0 dequantisation", flat(dequantize_q8_0), flat(lambda data: dequantize(data, tensor.tensor_type)), raw, atol=0)

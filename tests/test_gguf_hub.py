@@ -47,6 +47,29 @@ def test_tiny_gguf_loads_like_its_dequantised_weights(tmp_path, cache, tied):
     assert len(converted) == 1 and (converted[0] / "tokenizer.json").is_file()
 
 
+def test_q8_0_exercise_check(tmp_path, capsys):
+    import numpy as np
+
+    from minqwen.exercises import check_exercise_q8_0
+    from minqwen.gguf_file import open_gguf
+
+    write_tiny_gguf(random_model(tiny_config(head_size=16)), tmp_path / "tiny.gguf")
+    tensor = next(t for t in open_gguf(tmp_path / "tiny.gguf").tensors if t.tensor_type.name == "Q8_0")
+
+    def right(raw):
+        blocks = raw.reshape(-1, 34)
+        return (blocks[:, :2].copy().view(np.float16).astype(np.float32) * blocks[:, 2:].copy().view(np.int8)).ravel()
+
+    def not_done(raw):
+        raise NotImplementedError
+
+    assert check_exercise_q8_0(right, tensor)
+    assert not check_exercise_q8_0(not_done, tensor)
+    assert "not done yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError):
+        check_exercise_q8_0(lambda raw: right(raw) * 1.01, tensor)
+
+
 def test_gguf_of_another_architecture_is_named(tmp_path, cache):
     write_tiny_gguf(random_model(tiny_config()), tmp_path / "llama.gguf", arch="llama")
     with pytest.raises(ValueError, match="'llama'"):
