@@ -1,0 +1,26 @@
+"""Run under torchrun by test_train_ddp.py: one DDP backward on this rank's share of a batch;
+rank 0 writes the (averaged) gradients to the safetensors file named on the command line."""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from minqwen.train import CausalLMLoss, Processes, TextData, TrainConfig, new_model
+
+
+def main(out_path: str, config: TrainConfig) -> None:
+    torch.set_num_threads(1)
+    procs = Processes.start()
+    data = TextData.from_file(config.text, config.seq_len, config.val_fraction)
+    model = new_model(config)
+    ddp = procs.wrap(CausalLMLoss(model))  # keep a reference: DDP's gradient hooks live as long as it does
+    batch = data.batch("train", config.seed, 0, config.batch_size, config.seq_len)
+    ddp(procs.shard(batch)).backward()
+    if procs.is_main:
+        save_file({name: p.grad for name, p in model.named_parameters()}, out_path)
+    procs.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], TrainConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, seq_len=32, batch_size=8))
