@@ -201,3 +201,25 @@ def check_exercise_q8_0(dequantize_q8_0: Callable[..., Any], tensor: Any) -> boo
         return lambda data: torch.from_numpy(np.asarray(fn(data), dtype=np.float32).ravel())
 
     return run_check("Q8_0 dequantisation", flat(dequantize_q8_0), flat(lambda data: dequantize(data, tensor.tensor_type)), raw, atol=0)
+
+
+# --------------------------------------------------------------------------- 08 generation
+def check_exercise_top_p(top_p_distribution: Callable[..., Any]) -> bool:
+    """Notebook 08: ``top_p_distribution(probs, p)`` -> the nucleus distribution.
+
+    ``probs`` (..., vocab) sums to 1 over the last dim. Keep the most likely tokens until their
+    total reaches ``p`` (the token that crosses ``p`` stays; the top token always stays), zero
+    the rest and renormalise. Compared with :func:`minqwen.generate.top_p_filter`.
+    """
+    from .generate import top_p_filter
+
+    def expected(probs: torch.Tensor, p: float) -> torch.Tensor:
+        return top_p_filter(probs.log(), p).softmax(dim=-1)
+
+    hand_made = torch.tensor([0.15, 0.5, 0.05, 0.3])  # not sorted, on purpose
+    random = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)).mul(2).softmax(dim=-1)
+    cases = [(hand_made, 0.75), (hand_made, 0.9), (hand_made, 0.3), (random, 0.6), (random, 1.0)]
+    for probs, p in cases:
+        if not run_check(f"top-p, p={p}, probs {tuple(probs.shape)}", top_p_distribution, expected, probs, p, atol=1e-6):
+            return False
+    return True

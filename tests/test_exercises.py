@@ -139,3 +139,33 @@ def test_next_token_check_leaves_the_global_random_state_alone():
 def test_tiny_config_overrides():
     config = exercises.tiny_config(hidden_size=48, num_attention_heads=6)
     assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (48, 6, 2)
+
+
+# ------------------------------------------------------------------ 08 generation: top-p
+def top_p_distribution(probs, p):
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs < p
+    keep = keep_sorted.scatter(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def top_p_without_the_crossing_token(probs, p):
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = sorted_probs.cumsum(dim=-1) <= p
+    keep_sorted[..., 0] = True
+    keep = keep_sorted.scatter(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def top_p_not_renormalised(probs, p):
+    return top_p_distribution(probs, p) * (probs * (top_p_distribution(probs, p) > 0)).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("wrong", [top_p_without_the_crossing_token, top_p_not_renormalised])
+def test_top_p_exercise(wrong, capsys):
+    assert exercises.check_exercise_top_p(top_p_distribution) is True
+    assert exercises.check_exercise_top_p(stub) is False
+    with pytest.raises(AssertionError, match="top-p"):
+        exercises.check_exercise_top_p(wrong)
