@@ -14,6 +14,7 @@ a streaming decoder, and the ChatML chat template.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import os
 import re
@@ -378,6 +379,7 @@ def _check_encodable(text: str) -> None:
         ) from None
 
 
+@functools.lru_cache(maxsize=64)
 def _special_splitter(specials: frozenset[str]) -> re.Pattern:
     """A pattern whose ``split`` isolates the special tokens, longest first (as HF matches them)."""
     alternatives = sorted(specials, key=lambda s: (-len(s), s))

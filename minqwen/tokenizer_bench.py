@@ -1,11 +1,13 @@
 """Tokenizer throughput: minqwen's tiktoken and Python backends next to HF ``tokenizers``.
 
-    python -m minqwen.tokenizer_bench                  # the default checkpoint, a 1 MB mixed text
-    python -m minqwen.tokenizer_bench --megabytes 4 --checkpoint path/to/hf-dir
+    python -m minqwen.tokenizer_bench                  # the default checkpoint, 1 MB per text
+    python -m minqwen.tokenizer_bench --megabytes 4 --text prose+code --checkpoint path/to/hf-dir
 
 Every backend encodes the same text (the same chunks, in one thread) and must return the same
-ids; the table reports MB/s of UTF-8 input. HF ``tokenizers`` is only a reference here: the row
-is left out when it is not installed. :func:`build_corpus` is also the tests' parity corpus.
+ids; the table reports MB/s of UTF-8 input. Two texts: English prose with Python code (typical
+use), and the tests' mixed multilingual parity corpus (:func:`build_corpus`: rare scripts, emoji,
+decomposed accents -- slower for every backend). HF ``tokenizers`` is only a reference here: its
+row is left out when it is not installed.
 """
 
 from __future__ import annotations
@@ -49,10 +51,145 @@ SPECIAL_LOOKING = [
 RANDOM_BLOCKS = [(0x0370, 0x03FF), (0x0400, 0x04FF), (0x0E00, 0x0E7F), (0x2200, 0x22FF), (0x1D400, 0x1D7FF), (0x20000, 0x2A6DF)]
 
 
+PYTHON_SOURCE = r'''"""A small library catalogue: books, members, loans and a few reports."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOAN_DAYS = 21
+FINE_PER_DAY = 0.25  # in euros
+
+
+@dataclass
+class Book:
+    isbn: str
+    title: str
+    author: str
+    year: int
+    copies: int = 1
+    tags: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.title} by {self.author} ({self.year})"
+
+
+@dataclass
+class Member:
+    member_id: int
+    name: str
+    email: str
+    joined: dt.date = field(default_factory=dt.date.today)
+
+
+@dataclass
+class Loan:
+    isbn: str
+    member_id: int
+    start: dt.date
+    returned: dt.date | None = None
+
+    @property
+    def due(self) -> dt.date:
+        return self.start + dt.timedelta(days=LOAN_DAYS)
+
+    def fine(self, today: dt.date) -> float:
+        """The fine owed for this loan on ``today`` (0 when it is not late)."""
+        end = self.returned or today
+        late_days = (end - self.due).days
+        return round(max(0, late_days) * FINE_PER_DAY, 2)
+
+
+class Catalogue:
+    def __init__(self) -> None:
+        self.books: dict[str, Book] = {}
+        self.members: dict[int, Member] = {}
+        self.loans: list[Loan] = []
+
+    def add_book(self, book: Book) -> None:
+        if book.isbn in self.books:
+            self.books[book.isbn].copies += book.copies
+        else:
+            self.books[book.isbn] = book
+
+    def available(self, isbn: str) -> int:
+        on_loan = sum(1 for loan in self.loans if loan.isbn == isbn and loan.returned is None)
+        return self.books[isbn].copies - on_loan
+
+    def lend(self, isbn: str, member_id: int, today: dt.date) -> Loan:
+        if isbn not in self.books:
+            raise KeyError(f"unknown book {isbn!r}")
+        if member_id not in self.members:
+            raise KeyError(f"unknown member {member_id}")
+        if self.available(isbn) <= 0:
+            raise ValueError(f"no copy of {self.books[isbn].title!r} is available")
+        loan = Loan(isbn, member_id, today)
+        self.loans.append(loan)
+        return loan
+
+    def give_back(self, isbn: str, member_id: int, today: dt.date) -> float:
+        for loan in self.loans:
+            if loan.isbn == isbn and loan.member_id == member_id and loan.returned is None:
+                loan.returned = today
+                return loan.fine(today)
+        raise ValueError(f"member {member_id} has not borrowed {isbn!r}")
+
+    def overdue(self, today: dt.date) -> list[tuple[Member, Book, int]]:
+        rows = []
+        for loan in self.loans:
+            if loan.returned is None and loan.due < today:
+                days = (today - loan.due).days
+                rows.append((self.members[loan.member_id], self.books[loan.isbn], days))
+        return sorted(rows, key=lambda row: -row[2])
+
+    def popular_authors(self, top: int = 5) -> list[tuple[str, int]]:
+        counts = Counter(self.books[loan.isbn].author for loan in self.loans)
+        return counts.most_common(top)
+
+    def books_by_tag(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = defaultdict(list)
+        for book in self.books.values():
+            for tag in book.tags:
+                index[tag.lower()].append(book.title)
+        return {tag: sorted(titles) for tag, titles in sorted(index.items())}
+
+
+def load_books(path: Path) -> list[Book]:
+    """Read books from a CSV file with columns isbn, title, author, year, copies, tags."""
+    books = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            tags = [tag.strip() for tag in row.get("tags", "").split(";") if tag.strip()]
+            books.append(Book(row["isbn"], row["title"], row["author"], int(row["year"]), int(row.get("copies") or 1), tags))
+    return books
+
+
+def report(catalogue: Catalogue, today: dt.date) -> str:
+    lines = [f"Report for {today:%d %B %Y}", "=" * 30]
+    for member, book, days in catalogue.overdue(today):
+        lines.append(f"- {member.name:<20} {book.title[:30]:<30} {days:>3} days late")
+    total = sum(loan.fine(today) for loan in catalogue.loans if loan.returned is None)
+    lines.append(f"Outstanding fines: {total:.2f} EUR")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    catalogue = Catalogue()
+    catalogue.add_book(Book("978-0-13-468599-1", "The C Programming Language", "Kernighan & Ritchie", 1988, 2, ["C", "classic"]))
+    catalogue.add_book(Book("978-0-262-03384-8", "Introduction to Algorithms", "Cormen et al.", 2009, 3, ["algorithms"]))
+    catalogue.members[1] = Member(1, "Ada Lovelace", "ada@example.org")
+    catalogue.lend("978-0-13-468599-1", 1, dt.date(2024, 1, 2))
+    print(report(catalogue, dt.date(2024, 3, 1)))
+'''
+
+
 def python_sources() -> list[str]:
-    """minqwen's own source files: real Python, used with spaces and with tabs."""
-    sources = [path.read_text(encoding="utf-8") for path in sorted(Path(__file__).parent.glob("*.py"))]
-    return sources + [source.replace("    ", "\t") for source in sources]
+    """A fixed Python module (so the corpus never changes), with spaces and with tabs."""
+    return [PYTHON_SOURCE, PYTHON_SOURCE.replace("    ", "\t")]
 
 
 def _fragment(rng: random.Random, sources: list[str]) -> str:
@@ -96,6 +233,25 @@ def build_corpus(min_bytes: int = 200_000, seed: int = 0) -> str:
     return "".join(parts)
 
 
+def prose_and_code(min_bytes: int = 200_000, seed: int = 0) -> str:
+    """English sentences and slices of :data:`PYTHON_SOURCE` (spaces and tabs), at least ``min_bytes``."""
+    rng, sources = random.Random(seed), python_sources()
+    parts, size = [], 0
+    while size < min_bytes:
+        if rng.random() < 0.5:
+            fragment = " ".join(rng.choice(ENGLISH) for _ in range(rng.randrange(1, 6))) + "\n\n"
+        else:
+            source = rng.choice(sources)
+            start = rng.randrange(len(source) - 1000)
+            fragment = source[start : start + rng.randrange(200, 1000)] + "\n"
+        parts.append(fragment)
+        size += len(fragment.encode("utf-8"))
+    return "".join(parts)
+
+
+TEXTS: dict[str, Callable[[int], str]] = {"prose+code": prose_and_code, "mixed": build_corpus}
+
+
 @dataclass
 class BenchResult:
     name: str
@@ -134,17 +290,19 @@ def hf_encoder(directory: Path) -> Callable[[str], list[int]] | None:
     return lambda text: hf.encode(text, add_special_tokens=False).ids
 
 
-def run_benchmark(checkpoint: str, megabytes: float = 1.0, chunk_chars: int = 4096, repeats: int = 3) -> list[BenchResult]:
-    """Time the tiktoken backend, the Python backend (cold cache, one pass) and HF tokenizers."""
-    directory = tokenizer_directory(checkpoint)
-    text = build_corpus(int(megabytes * 1e6))
+def benchmark(
+    text: str, fast: Tokenizer, python: Tokenizer, hf_directory: Path | None = None, chunk_chars: int = 4096, repeats: int = 3
+) -> list[BenchResult]:
+    """Time ``fast`` (tiktoken backend), ``python`` (one pass, its cache as it is) and, given the
+    directory of the tokenizer.json, HF tokenizers -- on the same chunks of ``text``; check that
+    all give the same ids."""
     chunks = [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
-    results, outputs = [], {}
-    encoders: dict[str, tuple[Callable[[str], list[int]] | None, int]] = {
-        "minqwen tiktoken": (encoder_with_specials(Tokenizer.from_pretrained(directory, backend="tiktoken")), repeats),
-        "minqwen python (cold cache)": (encoder_with_specials(Tokenizer.from_pretrained(directory, backend="python")), 1),
-        "HF tokenizers (1 thread)": (hf_encoder(directory), repeats),
+    encoders = {
+        f"minqwen {fast.backend}": (encoder_with_specials(fast), repeats),
+        f"minqwen {python.backend} (one pass)": (encoder_with_specials(python), 1),
+        "HF tokenizers (1 thread)": (hf_encoder(hf_directory) if hf_directory else None, repeats),
     }
+    results, outputs = [], {}
     for name, (encode, n) in encoders.items():
         if encode is not None:
             result, outputs[name] = time_encoder(name, encode, chunks, n)
@@ -154,6 +312,16 @@ def run_benchmark(checkpoint: str, megabytes: float = 1.0, chunk_chars: int = 40
     if mismatched:
         raise AssertionError(f"backends disagree on the benchmark text: {mismatched}")
     return results
+
+
+def run_benchmark(checkpoint: str, megabytes: float = 1.0, repeats: int = 3, text: str = "prose+code") -> list[BenchResult]:
+    """:func:`benchmark` on ``megabytes`` of one of :data:`TEXTS`, both backends freshly loaded."""
+    if text not in TEXTS:
+        raise ValueError(f"unknown text {text!r}; choose one of {list(TEXTS)}")
+    directory = tokenizer_directory(checkpoint)
+    fast = Tokenizer.from_pretrained(directory, backend="tiktoken")
+    python = Tokenizer.from_pretrained(directory, backend="python")  # a cold cache: a fair first pass
+    return benchmark(TEXTS[text](int(megabytes * 1e6)), fast, python, directory, repeats=repeats)
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -171,10 +339,13 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint name, .gguf file or HF directory")
-    parser.add_argument("--megabytes", type=float, default=1.0, help="size of the mixed test text")
+    parser.add_argument("--megabytes", type=float, default=1.0, help="size of each test text")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (the Python backend runs once)")
+    parser.add_argument("--text", choices=list(TEXTS), action="append", help="which text (default: all)")
     args = parser.parse_args(argv)
-    print(format_table(run_benchmark(args.checkpoint, args.megabytes, repeats=args.repeats)))
+    for text in args.text or list(TEXTS):
+        print(f"\n{text}: {args.megabytes:g} MB")
+        print(format_table(run_benchmark(args.checkpoint, args.megabytes, args.repeats, text)))
 
 
 if __name__ == "__main__":
