@@ -30,8 +30,8 @@ test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval notebooks
 
-## lab: open the notebooks in Jupyter Lab
-lab: $(BASE_STAMP)
+## lab: open the notebooks in Jupyter Lab (with transformers: some notebooks compare with HF)
+lab: $(DEV_STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
 clean-venv:
