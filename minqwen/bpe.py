@@ -98,16 +98,21 @@ def check_vocabulary(vocab: dict[str, int], merges: Sequence[Pair]) -> None:
     missing_bytes = [char for char in bytes_to_unicode().values() if char not in vocab]
     if missing_bytes:
         raise ValueError(f"the vocabulary lacks {len(missing_bytes)} of the 256 byte symbols, e.g. {missing_bytes[:5]}")
-    for rank, (left, right) in enumerate(merges):
+    for rank, pair in enumerate(merges):
+        if len(pair) != 2 or not all(isinstance(symbol, str) and symbol for symbol in pair):
+            raise ValueError(f"merge {rank} is {pair!r}, not a pair of two non-empty token strings")
+        left, right = pair
         if left + right not in vocab:
             raise ValueError(f"merge {rank} ({left!r}, {right!r}) makes {left + right!r}, which is not in the vocabulary")
 
 
 class PythonBPE:
-    """The from-scratch encoder: regex split, then :func:`apply_merges` per piece (cached)."""
+    """The from-scratch encoder: regex split, then :func:`apply_merges` per piece (cached).
+
+    Like :class:`TiktokenBPE` it expects a vocabulary that passed :func:`check_vocabulary`.
+    """
 
     def __init__(self, vocab: dict[str, int], merges: Sequence[Pair], pattern: str, cache_size: int = 1 << 16) -> None:
-        check_vocabulary(vocab, merges)
         self.vocab = vocab
         self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
         self.pattern = regex.compile(pattern)
@@ -158,7 +163,6 @@ class TiktokenBPE:
     def __init__(self, vocab: dict[str, int], merges: Sequence[Pair], pattern: str) -> None:
         import tiktoken
 
-        check_vocabulary(vocab, merges)
         if not tiktoken_compatible(vocab, merges):
             raise ValueError("this vocabulary's merges are not rank ordered, so tiktoken would give other ids; use backend='python'")
         ranks = {token_to_bytes(token): token_id for token, token_id in vocab.items()}

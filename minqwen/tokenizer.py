@@ -25,7 +25,7 @@ from typing import Any, Collection, Iterable, Literal, Mapping, Sequence
 
 import regex
 
-from .bpe import Pair, PythonBPE, TiktokenBPE, bytes_to_unicode, learn_merges, tiktoken_compatible, token_to_bytes
+from .bpe import Pair, PythonBPE, TiktokenBPE, bytes_to_unicode, check_vocabulary, learn_merges, tiktoken_compatible, token_to_bytes
 
 # Qwen2's pre-tokeniser: contractions, letter runs (with one leading non-letter), single digits,
 # punctuation runs, newlines, and whitespace -- a space stays attached to the word after it.
@@ -62,6 +62,12 @@ class Tokenizer:
     >>> tok.encode("Hello world")  # doctest: +SKIP
     [9707, 1879]
 
+    ``vocab`` maps byte-level token strings ("Ġthe") to ids, ``merges`` lists the BPE merges by
+    rank, ``added_tokens`` are matched whole (``<|im_end|>``). ``pattern`` is the pre-tokeniser
+    regex and ``nfc`` whether text is NFC-normalised first (both as in Qwen2's tokenizer.json);
+    the special-token names and ``chat_template`` come from tokenizer_config.json. Usually built
+    by :meth:`from_pretrained`.
+
     ``backend="python"`` runs the from-scratch BPE of :mod:`minqwen.bpe`; ``"tiktoken"`` runs the
     same ranks in tiktoken's Rust core; ``"auto"`` (the default) picks tiktoken when it gives
     the same ids (:func:`minqwen.bpe.tiktoken_compatible`, the cheap check), Python otherwise.
@@ -83,6 +89,7 @@ class Tokenizer:
     ) -> None:
         self.vocab = dict(vocab)
         self.merges = [tuple(pair) for pair in merges]
+        check_vocabulary(self.vocab, self.merges)
         self.added_tokens = {token.content: token for token in added_tokens}
         self.pattern = pattern
         self.nfc = nfc  # normalise text to NFC before splitting, as Qwen2's tokenizer.json does
@@ -100,6 +107,8 @@ class Tokenizer:
         size = 1 + max([*self.vocab.values(), *(t.id for t in self.added_tokens.values())])
         tokens: list[str | None] = [None] * size
         for token, token_id in self.vocab.items():
+            if not isinstance(token_id, int) or token_id < 0 or tokens[token_id] is not None:
+                raise ValueError(f"token {token!r} has id {token_id!r}: ids must be distinct non-negative integers")
             tokens[token_id] = token
         data = [None if token is None else token_to_bytes(token) for token in tokens]
         for added in self.added_tokens.values():

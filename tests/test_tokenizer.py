@@ -299,6 +299,12 @@ def test_constructor_rejects_inconsistent_vocabularies(trained):
         Tokenizer(trained.vocab, trained.merges, [AddedToken(5, "<|x|>")])
     with pytest.raises(ValueError, match="'<\\|im_end\\|>' named in the tokenizer config is not in the vocabulary"):
         Tokenizer(trained.vocab, trained.merges, eos_token="<|im_end|>")
+    with pytest.raises(ValueError, match="merge 1 is \\('a', 'b', 'c'\\), not a pair"):
+        Tokenizer(trained.vocab, [trained.merges[0], ("a", "b", "c")])
+    with pytest.raises(ValueError, match="token 'Ġ' has id -3: ids must be distinct non-negative integers"):
+        Tokenizer(trained.vocab | {"Ġ": -3}, [])
+    with pytest.raises(ValueError, match="ids must be distinct"):
+        Tokenizer(trained.vocab | {"Ġ": 0}, [])
     with pytest.raises(ValueError, match="backend must be"):
         Tokenizer(trained.vocab, trained.merges, backend="rust")
 
