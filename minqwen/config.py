@@ -78,7 +78,13 @@ class Qwen2Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     def layer_uses_sliding_window(self, layer_idx: int) -> bool:
-        """HF's rule: with ``use_sliding_window``, layers from ``max_window_layers`` on are windowed."""
+        """HF's rule: with ``use_sliding_window``, layers from ``max_window_layers`` on are windowed.
+
+        A ``layer_types`` list (written by transformers 5) names each layer instead, as in HF.
+        """
+        layer_types = self.extra.get("layer_types")
+        if self.use_sliding_window and layer_types is not None:
+            return layer_types[layer_idx] == "sliding_attention"
         return bool(self.use_sliding_window) and layer_idx >= self.max_window_layers
 
     # ----------------------------------------------------------------- checks

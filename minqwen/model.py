@@ -7,6 +7,9 @@ move between the two without renaming.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -165,6 +168,29 @@ class Qwen2ForCausalLM(nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         return self.lm_head(self.model(input_ids, position_ids, attention_mask, cache))
+
+    def extend_context(
+        self,
+        max_position_embeddings: int,
+        rope_scaling: dict[str, Any] | None = None,
+        dual_chunk_attention_config: dict[str, Any] | None = None,
+    ) -> "Qwen2ForCausalLM":
+        """Switch to a long-context position scheme in place; the weights stay as they are.
+
+        ``rope_scaling`` (e.g. ``{"type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+        32768}``) and ``dual_chunk_attention_config`` take the ``config.json`` forms; None for both
+        restores plain RoPE. ``max_position_embeddings`` is the new context limit. Returns self.
+        """
+        config = dataclasses.replace(
+            self.config,
+            max_position_embeddings=max_position_embeddings,
+            rope_scaling=rope_scaling,
+            dual_chunk_attention_config=dual_chunk_attention_config,
+        )
+        rotary, dual_chunk = RotaryEmbedding(config).to(self.lm_head.weight.device), DualChunkSettings.from_config(config)
+        self.config = self.model.config = config
+        self.model.rotary_emb, self.model.dual_chunk = rotary, dual_chunk
+        return self
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """A KV cache sized for ``max_seq_len`` tokens, in this model's dtype and device."""
