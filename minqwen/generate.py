@@ -439,10 +439,10 @@ class TextStream:
 
     def stats(self) -> str:
         """One line for humans, e.g. ``32 tokens, first after 0.21 s, then 25.3 tokens/s``."""
-        return (
-            f"{len(self.token_ids)} tokens, first after {self.prefill_seconds:.2f} s, "
-            f"then {self.tokens_per_second:.1f} tokens/s"
-        )
+        count = len(self.token_ids)
+        if count < 2:
+            return f"{count} token{'' if count == 1 else 's'} in {self.prefill_seconds:.2f} s"
+        return f"{count} tokens, first after {self.prefill_seconds:.2f} s, then {self.tokens_per_second:.1f} tokens/s"
 
 
 def stream(

@@ -155,6 +155,20 @@ def test_empty_message_raises(model, tokenizer):
         Chat(model, tokenizer).stream("   ")
 
 
+def test_stream_counts_tokens_and_reports_speed(model, tokenizer):
+    pieces = minqwen.stream(model, tokenizer, "Hello", max_new_tokens=5, stop_token_ids=[])
+    assert pieces.stats() == "0 tokens in 0.00 s"
+    text = pieces.text()
+    assert len(pieces.token_ids) == 5 and text == tokenizer.decode(pieces.token_ids)
+    assert pieces.token_ids == minqwen.generate(model, tokenizer.encode("Hello"), 5, stop_token_ids=[])
+    assert pieces.text() == text and list(pieces) == []  # a finished stream just returns its text
+    assert pieces.stats().startswith("5 tokens, first after") and pieces.tokens_per_second > 0
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        minqwen.stream(model, tokenizer, "")
+    with pytest.raises(ValueError, match="one prompt"):
+        minqwen.stream(model, tokenizer, [[1, 2], [3]])
+
+
 def test_common_prefix_length():
     assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix_length([], [1]) == 0
