@@ -43,6 +43,23 @@ def test_cached_decoding_equals_recomputation(implementation, heads, kv_heads):
     assert_close(torch.stack([s.logits for s in cached]), torch.stack([s.logits for s in recomputed]))
 
 
+def test_continuing_from_a_cache_equals_a_fresh_run(model):
+    prompt = random_prompts([12], seed=9)[0]
+    cache = model.make_cache(batch_size=1, max_seq_len=30)
+    list(generate_steps(model, [prompt[:7]], 3, stop_token_ids=[], cache=cache))  # holds prompt[:7] + 2 new
+    cache.length = 7  # keep the shared prefix only
+    continued = [s.token_ids[0] for s in generate_steps(model, [prompt], 5, stop_token_ids=[], cache=cache)]
+    assert continued == generate(model, prompt, 5, stop_token_ids=[])
+    cache.length = 12
+    with pytest.raises(ValueError, match="fewer than the prompt's 12"):
+        generate_steps(model, [prompt], 5, cache=cache)
+    cache.length = 0
+    with pytest.raises(ValueError, match="room for 30 tokens"):
+        generate_steps(model, [prompt], 40, cache=cache)
+    with pytest.raises(ValueError, match="single prompt"):
+        generate_steps(model, [prompt, prompt], 5, cache=cache)
+
+
 def test_greedy_equals_transformers_generate(model):
     hf = hf_twin(model)
     for prompt in random_prompts([1, 6, 13], seed=2):
