@@ -127,7 +127,8 @@ class Qwen2Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D) with S = cached + T
             if self.attn_implementation == "eager":
-                out, _ = eager_attention(q, k, v, mask, self.scale)
+                out, probs = eager_attention(q, k, v, mask, self.scale)
+                self.attention_probs(probs)  # (B, H, T, S); identity, there for minqwen.inspection's hooks
             else:
                 out = sdpa_attention(q, k, v, mask, self.scale)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # (B, T, H*D)
