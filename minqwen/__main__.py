@@ -3,6 +3,8 @@
     python -m minqwen "The capital of France is"          # no command: generate
     python -m minqwen generate "def fib(n):" --max-new-tokens 64 --temperature 0.7 --seed 0
     python -m minqwen chat --system "You are a terse assistant."
+    python -m minqwen eval --text notes.txt --stride 512
+    python -m minqwen train --out-dir runs/tiny
 
 Commands live in :data:`COMMANDS`. To add one, write ``add_arguments(parser)`` and
 ``run(args) -> exit code`` and add a :class:`Command` entry. Errors in the user's input
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import evaluate, lora_demo, train
 from .chat import DEFAULT_CHAT_MAX_NEW_TOKENS, Chat
 from .generate import DEFAULT_MAX_NEW_TOKENS, Sampler, check_max_new_tokens, stream
 from .hub import DEFAULT_CHECKPOINT
@@ -190,6 +193,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "generate": Command("continue a prompt (greedy unless --temperature > 0)", add_generate_arguments, run_generate),
     "chat": Command("talk to the instruct model in the terminal, replies streamed", add_chat_arguments, run_chat),
+    "eval": Command("perplexity of a text file, sliding window", evaluate.add_arguments, evaluate.run),
+    "train": Command("train a tiny Qwen2 from scratch (resumes; runs under torchrun too)", train.add_arguments, train.run),
+    "lora-demo": Command("LoRA-tune the real 0.5B on a made-up fact table, report held-out accuracy", lora_demo.add_arguments, lora_demo.run),
 }
 DEFAULT_COMMAND = "generate"  # what `python -m minqwen "prompt"` runs
 

@@ -128,12 +128,17 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata["resumable"]}
 
 
+def cosine_lr(step: int, steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at step ``steps - 1``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - 1 - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """The learning rate of ``step`` in a run with these settings (see :func:`cosine_lr`)."""
+    return cosine_lr(step, config.steps, config.warmup_steps, config.lr, config.min_lr)
 
 
 # --------------------------------------------------------------------------- tokens and data
@@ -259,9 +264,13 @@ def evaluate_loss(model: Qwen2ForCausalLM, data: TextData, config: TrainConfig, 
 
 
 def sample(model: Qwen2ForCausalLM, prompt: str, max_new_tokens: int, seed: int = 0, temperature: float = 0.8) -> str:
-    """The prompt and a sampled continuation, as text (undecodable bytes become U+FFFD)."""
+    """The prompt and a sampled continuation, as text (undecodable bytes become U+FFFD).
+
+    The continuation stops where the context the model was trained on ends.
+    """
     tokenizer = byte_tokenizer()
     ids = tokenizer.encode(prompt)
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
     new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=40, seed=seed, stop_token_ids=[])
     return tokenizer.decode(ids + new)
 
