@@ -54,7 +54,11 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: Qwen2Config, attn_implementation: str = "sdpa") -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
+        if not self.embed_tokens.weight.is_meta:  # random init on "meta" (loading) would cost seconds of imports
+            self.embed_tokens.reset_parameters()
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, attn_implementation) for i in range(config.num_hidden_layers)
         )
@@ -128,7 +132,8 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # a meta-device build (loading) has no values to set
+            self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings`` the head and the embedding are one tensor."""
@@ -193,8 +198,11 @@ class Qwen2ForCausalLM(nn.Module):
         return self
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """A KV cache sized for ``max_seq_len`` tokens, in this model's dtype and device."""
-        weight = self.lm_head.weight
+        """A KV cache sized for ``max_seq_len`` tokens, in this model's dtype and device.
+
+        The dtype is the embedding table's: the head may hold int8 weights (:mod:`minqwen.quant`).
+        """
+        weight = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_seq_len, weight.dtype, weight.device)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

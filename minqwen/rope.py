@@ -175,7 +175,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.length_dependent = check_rope_scaling(config) in LENGTH_DEPENDENT_ROPE
-        inv_freq, self.attention_factor = rope_inv_freq(config)
+        with torch.device("cpu"):  # computed for real even while a model is built on "meta" (loading)
+            inv_freq, self.attention_factor = rope_inv_freq(config)
         # Not in the state dict (HF does the same): it is recomputed from the config.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
