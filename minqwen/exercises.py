@@ -223,3 +223,52 @@ def check_exercise_top_p(top_p_distribution: Callable[..., Any]) -> bool:
         if not run_check(f"top-p, p={p}, probs {tuple(probs.shape)}", top_p_distribution, expected, probs, p, atol=1e-6):
             return False
     return True
+
+
+# --------------------------------------------------------------------------- 12 looking inside
+def check_exercise_previous_token_score(previous_token_score: Callable[..., Any]) -> bool:
+    """Notebook 12: ``previous_token_score(probs)`` -> (..., heads), probs (..., heads, seq, seq).
+
+    The mean over query positions 1..seq-1 of the attention on the key just before the query;
+    compared with :func:`minqwen.inspection.previous_token_score`.
+    """
+    from .inspection import previous_token_score as expected
+
+    scores = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))  # (batch, heads, seq, seq)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return run_check("previous-token score", previous_token_score, expected, probs, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 13 training
+def check_exercise_cosine_lr(cosine_lr: Callable[..., Any]) -> bool:
+    """Notebook 13: ``cosine_lr(step, steps, warmup_steps, lr, min_lr)`` equals :func:`minqwen.train.cosine_lr`
+    at every step of a short schedule: linear warm-up to ``lr``, then a cosine down to ``min_lr``."""
+    from .train import cosine_lr as expected
+
+    def schedule(fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
+        return lambda steps, warmup: torch.tensor([float(fn(s, steps, warmup, 1e-3, 1e-4)) for s in range(steps)])
+
+    return run_check("warm-up + cosine schedule", schedule(cosine_lr), schedule(expected), 50, 10, atol=1e-9)
+
+
+def check_exercise_lora_merge(merge_lora: Callable[..., Any]) -> bool:
+    """Notebook 13: ``merge_lora(weight, lora_A, lora_B, alpha, r)`` -> the merged weight (out, in),
+    compared with :meth:`minqwen.lora.LoRALinear.merged`."""
+    from .lora import LoRALinear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 10, generator=generator)  # (out, in)
+    lora_A = torch.randn(4, 10, generator=generator)  # (r, in)
+    lora_B = torch.randn(6, 4, generator=generator)  # (out, r)
+
+    def expected(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, r: int) -> torch.Tensor:
+        base = torch.nn.Linear(10, 6, bias=False)
+        layer = LoRALinear(base, r, alpha)
+        with torch.no_grad():
+            base.weight.copy_(weight)
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+        return layer.merged().weight.detach()
+
+    return run_check("LoRA merge", merge_lora, expected, weight, lora_A, lora_B, 8.0, 4)

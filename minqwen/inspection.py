@@ -193,3 +193,13 @@ def logit_lens(model: Qwen2ForCausalLM, hidden_states: Sequence[torch.Tensor]) -
     the last entry equals the model's own logits.
     """
     return torch.stack([model.lm_head(model.model.norm(h)) for h in hidden_states])
+
+
+def previous_token_score(probs: torch.Tensor) -> torch.Tensor:
+    """How much each head attends to the token just before the query: probs (..., heads, seq, seq) -> (..., heads).
+
+    The mean, over query positions 1..seq-1, of the probability on key position ``query - 1``.
+    "Previous-token heads" score near 1; they are a building block of induction heads
+    (Olsson et al. 2022, "In-context Learning and Induction Heads").
+    """
+    return probs.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=-1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import assert_close, hf_twin, random_model, tiny_config
 
-from minqwen.inspection import at_positions, logit_lens, patching, recording, trace
+from minqwen.exercises import check_exercise_previous_token_score
+from minqwen.inspection import at_positions, logit_lens, patching, previous_token_score, recording, trace
 
 
 def sample_ids(config, shape=(2, 9), seed: int = 3) -> torch.Tensor:
@@ -128,3 +129,28 @@ def test_bad_points_and_patches_are_clear_errors() -> None:
     for name, module in model.named_modules():  # a failed call leaves no hooks behind
         assert not module._forward_hooks, f"hook left on {name}"
 
+
+
+def test_previous_token_score_finds_a_previous_token_head() -> None:
+    seq = 5
+    previous = torch.zeros(seq, seq)
+    previous[0, 0] = 1
+    previous[torch.arange(1, seq), torch.arange(seq - 1)] = 1  # every query looks one back
+    uniform = torch.ones(seq, seq).tril() / torch.arange(1, seq + 1)[:, None]
+    scores = previous_token_score(torch.stack([previous, uniform])[None])  # (batch=1, heads=2)
+    torch.testing.assert_close(scores, torch.tensor([[1.0, (1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4]]))
+
+
+def test_exercise_previous_token_score(capsys) -> None:
+    def answer(probs):  # the notebook's solution, written independently
+        seq = probs.shape[-1]
+        return probs[..., torch.arange(1, seq), torch.arange(seq - 1)].mean(dim=-1)
+
+    def stub(probs):
+        raise NotImplementedError
+
+    assert check_exercise_previous_token_score(answer)
+    assert not check_exercise_previous_token_score(stub)
+    assert "not done yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="previous-token score"):
+        check_exercise_previous_token_score(lambda probs: probs[..., 0, 0])

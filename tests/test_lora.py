@@ -10,6 +10,7 @@ import torch
 from helpers import random_model, tiny_config
 
 from minqwen import lora
+from minqwen.exercises import check_exercise_lora_merge
 from minqwen.loss import lm_loss
 from minqwen.lora import LoRALinear
 
@@ -121,3 +122,17 @@ def test_bad_targets_and_files_are_clear_errors(tmp_path: Path) -> None:
     bigger = random_model(tiny_config(heads=8))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors does not fit this model: wrong shape: model.layers.0.self_attn.q_proj.lora_A"):
         lora.load(bigger, tmp_path / "adapter")
+
+
+def test_exercise_lora_merge(capsys) -> None:
+    def answer(weight, lora_A, lora_B, alpha, r):  # the notebook's solution, written independently
+        return weight + (alpha / r) * lora_B @ lora_A
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check_exercise_lora_merge(answer)
+    assert not check_exercise_lora_merge(stub)
+    assert "not done yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="LoRA merge"):
+        check_exercise_lora_merge(lambda weight, lora_A, lora_B, alpha, r: weight + lora_B @ lora_A)

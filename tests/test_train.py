@@ -14,6 +14,7 @@ import torch
 from helpers import random_model, tiny_config
 
 import minqwen
+from minqwen.exercises import check_exercise_cosine_lr
 from minqwen.loss import lm_loss
 from minqwen.train import (
     STATE_FILE,
@@ -196,3 +197,20 @@ def test_default_text_is_shipped_and_small() -> None:
     size = Path(config.text).stat().st_size
     assert 100_000 < size < 1_000_000
     assert math.isclose(lr_at(config.steps - 1, config), config.min_lr)
+
+
+def test_exercise_cosine_lr(capsys) -> None:
+    def answer(step, steps, warmup_steps, lr, min_lr):  # the notebook's solution, written independently
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / (steps - 1 - warmup_steps)
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check_exercise_cosine_lr(answer)
+    assert not check_exercise_cosine_lr(stub)
+    assert "not done yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="warm-up \\+ cosine schedule"):
+        check_exercise_cosine_lr(lambda step, steps, warmup_steps, lr, min_lr: lr)
