@@ -46,7 +46,8 @@ from .rope import RotaryEmbedding
 
 # The parts of a DCA score matrix, as stored in :func:`dca_position_matrices`'s ``part``.
 INTRA, SUCCESSIVE, INTER = 0, 1, 2
-# Longest side of a block of scores in the chunked implementation (queries x keys per head).
+# Side of the largest block of scores the chunked implementation holds per head: at most
+# DEFAULT_BLOCK queries x DEFAULT_BLOCK keys, or (fewer queries) x proportionally more keys.
 DEFAULT_BLOCK = 1024
 
 
@@ -138,11 +139,23 @@ def dca_position_matrices(
 
 
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """fp32 scores of q (B, H, T, D) against k (B, KV, S, D), grouped: (B, KV, H/KV, T, S)."""
+    """fp32 scores of q (B, H, T, D) against k (B, KV, S, D), grouped: (B, KV, H/KV, T, S).
+
+    The query heads sharing a key head are stacked along the rows, so it is one plain batched
+    matmul per key head -- no broadcast copy of the keys.
+    """
     batch, n_heads, q_len, head_dim = q.shape
-    n_kv = k.shape[1]
-    q = q.float().view(batch, n_kv, n_heads // n_kv, q_len, head_dim)
-    return q @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+    n_kv, k_len = k.shape[1], k.shape[2]
+    rows = q.float().reshape(batch, n_kv, n_heads // n_kv * q_len, head_dim)  # (B, KV, G*T, D)
+    scores = rows @ k.float().transpose(-1, -2)  # (B, KV, G*T, S)
+    return scores.view(batch, n_kv, n_heads // n_kv, q_len, k_len) * scale
+
+
+def grouped_weighted_sum(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs (B, KV, G, T, S) times v (B, KV, S, D) -> (B, KV, G, T, D), in fp32."""
+    batch, n_kv, group, q_len, k_len = probs.shape
+    out = probs.reshape(batch, n_kv, group * q_len, k_len) @ v.float()  # (B, KV, G*T, D)
+    return out.view(batch, n_kv, group, q_len, -1)
 
 
 def reference_dca_attention(
@@ -168,7 +181,7 @@ def reference_dca_attention(
         torch.where(part == SUCCESSIVE, grouped_scores(queries[SUCCESSIVE], k, query_scale), grouped_scores(queries[INTER], k, query_scale)),
     )  # (B, KV, G, T, S)
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    out = probs @ v.float().unsqueeze(2)  # (B, KV, G, T, D)
+    out = grouped_weighted_sum(probs, v)  # (B, KV, G, T, D)
     batch, n_heads, q_len, head_dim = queries[INTRA].shape
     return out.view(batch, n_heads, q_len, head_dim).to(v.dtype)
 
@@ -196,8 +209,9 @@ def partial_softmax(
     scores = grouped_scores(q, k, scale)  # (B, KV, G, T, S)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, KV, G, T, 1)
-    return PartialSoftmax((scores - lse).exp() @ v.float().unsqueeze(2), lse)
+    lse = scores.logsumexp(dim=-1, keepdim=True)  # (B, KV, G, T, 1); -inf where a row sees no key
+    shift = torch.where(lse.isfinite(), lse, 0.0)  # such a row gets weight 0 in the merge, not NaN
+    return PartialSoftmax(grouped_weighted_sum((scores - shift).exp(), v), lse)
 
 
 def dca_key_segments(q_start: int, q_end: int, settings: DualChunkSettings) -> list[tuple[int, int, int]]:
@@ -237,7 +251,8 @@ def chunked_dca_attention(
     queries: {part: (B, H, T, D)} for the queries at positions ``q_start .. q_start + T - 1``;
     k, v (B, KV, q_start + T, D): every key so far (e.g. from the KV cache). Query blocks stay
     inside one chunk, so each block's keys split into at most three ranges (intra, successive,
-    inter), each cut into pieces of ``block`` keys. Scores held at once: (block x block) per head.
+    inter), each cut into pieces of ``block * block // queries`` keys: scores held at once are at
+    most ``block x block`` per head, and decoding one token takes one piece per range.
     """
     batch, n_heads, q_len, head_dim = queries[INTRA].shape
     out = torch.empty(batch, k.shape[1], n_heads // k.shape[1], q_len, head_dim, dtype=torch.float32, device=k.device)
@@ -246,9 +261,10 @@ def chunked_dca_attention(
         positions = torch.arange(start, end, device=k.device)
         query_scale = (scale * settings.length_scale(positions))[:, None]  # (rows, 1)
         acc = None
+        piece_len = block * block // (end - start)
         for part, key_start, key_end in dca_key_segments(start, end, settings):
-            for piece in range(key_start, key_end, block):
-                piece_end = min(piece + block, key_end)
+            for piece in range(key_start, key_end, piece_len):
+                piece_end = min(piece + piece_len, key_end)
                 visible = None
                 if part == INTRA:  # causal inside the own chunk
                     visible = torch.arange(piece, piece_end, device=k.device)[None, :] <= positions[:, None]
