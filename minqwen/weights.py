@@ -173,16 +173,21 @@ def from_pretrained(
     name_or_path: str | os.PathLike = "qwen2.5-coder-0.5b-instruct",
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
+    quantize: str | None = None,
 ) -> Qwen2ForCausalLM:
     """Load a Qwen2 checkpoint: a known name, a local ``.gguf``, an HF directory or a hub repo id.
 
     Names and GGUF files are fetched / converted once into the cache (see :mod:`minqwen.hub`);
-    every later call is a memory-mapped safetensors read.
+    every later call is a memory-mapped safetensors read. ``quantize="int8"`` stores the linear
+    layers' weights as int8 (see :mod:`minqwen.quant`); a dtype or scheme the checkpoint is not
+    stored in is converted once into a cached copy (see :mod:`minqwen.prepared`).
     """
     from .hub import resolve
+    from .prepared import check_scheme, load_prepared
 
-    dtype = check_dtype(dtype)  # fail on a bad dtype before any download
-    return load_hf_dir(resolve(name_or_path), dtype, attn_implementation)
+    dtype = check_dtype(dtype)  # fail on bad settings before any download
+    check_scheme(quantize)
+    return load_prepared(resolve(name_or_path), dtype, attn_implementation, quantize)
 
 
 # --------------------------------------------------------------------------- saving

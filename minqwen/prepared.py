@@ -1,0 +1,169 @@
+"""Checkpoints prepared for a dtype or int8, cached so every later load is a memory map.
+
+A checkpoint stored in fp32 and loaded as bf16 (or int8) needs converting: reading 2.5 GB of fp32,
+writing a second copy, and holding both in memory for a moment. Done on every load, that is most
+of the load time and the peak memory. So the first such load writes the converted tensors once to
+``<cache>/prepared/<source key>/model.<variant>.safetensors`` (atomically, under a lock) and every
+later load maps that file: no conversion, no second copy, and only the pages a forward actually
+touches become resident (most of the embedding table never does).
+
+The source key hashes the source files' paths, sizes and modification times, so a changed
+checkpoint gets a fresh prepared file instead of a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Qwen2Config
+from .hub import cache_dir, file_lock
+from .linear import use_cpu_linears
+from .model import Qwen2ForCausalLM
+from .quant import SCHEMES, Int8Linear, aligned, quantize, quantize_int8
+from .rope import RotaryEmbedding
+from .weights import (
+    INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    SINGLE_FILE,
+    _atomic_write,
+    check_state_dict,
+    read_checkpoint_dir,
+    read_safetensors,
+)
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+DATA_ALIGNMENT = 64
+
+
+def check_scheme(scheme: str | None) -> None:
+    """``None`` or a known quantization scheme, else ``ValueError``."""
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; supported: {', '.join(SCHEMES)} (or None)")
+
+
+def variant_name(dtype: torch.dtype, scheme: str | None) -> str:
+    """``"bfloat16"``, ``"int8-bfloat16"`` ...: the dtype of what is not quantised, after the scheme."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{scheme}-{dtype_name}" if scheme else dtype_name
+
+
+def source_files(path: Path) -> list[Path]:
+    """The weight files of an HF directory (the single file, or the index and its shards)."""
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    return [path / INDEX_FILE, *sorted(path.glob("*.safetensors"))]
+
+
+def prepared_path(path: Path, dtype: torch.dtype, scheme: str | None) -> Path:
+    """Where the prepared copy of the checkpoint in ``path`` lives in the cache."""
+    identity = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(path))
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_dir() / "prepared" / f"{path.name}-{key}" / f"model.{variant_name(dtype, scheme)}.safetensors"
+
+
+def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the checkpoint's floating-point tensors (of its embedding table)."""
+    return next(t.dtype for name, t in state_dict.items() if "embed_tokens" in name)
+
+
+def meta_model(config: Qwen2Config, scheme: str | None, attn_implementation: str) -> Qwen2ForCausalLM:
+    """The model's skeleton on the ``meta`` device, with int8 layers where ``scheme`` puts them."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config, attn_implementation)
+        return quantize(model, scheme) if scheme else model
+
+
+def prepare_state_dict(model: Qwen2ForCausalLM, source: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The source tensors in the layout ``model`` (a :func:`meta_model`) expects: int8 + scales, or ``dtype``."""
+    prepared: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            weight, scale = quantize_int8(source[f"{name}.weight"])
+            prepared[f"{name}.weight"], prepared[f"{name}.weight_scale"] = weight, scale
+    for name, tensor in source.items():
+        if name not in prepared:
+            prepared[name] = tensor.to(dtype).contiguous()
+    return prepared
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose data starts on a 64-byte boundary.
+
+    Tensors follow one another without gaps (the format allows no holes), largest element size
+    first, so each starts aligned when the sizes before it are multiples of 64 bytes -- true for
+    Qwen2's shapes. Fused kernels (the int8 one) load their operands with aligned vector loads.
+    """
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)  # the format pads the header with spaces
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in names:
+            f.write(tensors[name].contiguous().view(torch.uint8).numpy().data)
+
+
+def write_prepared(target: Path, model: Qwen2ForCausalLM, path: Path, dtype: torch.dtype) -> None:
+    """Convert the checkpoint in ``path`` once and write it to ``target`` (atomically, under a lock)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"prepared-{target.parent.name}-{target.name}"):
+        if target.is_file():
+            return
+        source = read_checkpoint_dir(path)
+        check_state_dict(model.config, source, str(path))
+        prepared = prepare_state_dict(model, source, dtype)
+
+        def write(tmp: str) -> None:
+            save_aligned(prepared, tmp, {"format": "pt", "source": str(path)})
+            os.chmod(tmp, 0o644)  # readable like the rest of the cache
+
+        _atomic_write(target, write)
+
+
+def load_prepared(
+    path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", scheme: str | None = None
+) -> Qwen2ForCausalLM:
+    """Load the HF directory ``path`` in ``dtype`` (and ``scheme``), through a prepared copy when one helps.
+
+    A checkpoint already stored in ``dtype`` and not quantised is mapped directly; otherwise the
+    prepared copy is written on first use and mapped from then on. Linear layers become
+    :class:`~minqwen.linear.CPULinear` (bf16 prefill multiplies in fp32 where that is faster).
+    """
+    from .weights import load_hf_dir
+
+    path = Path(path)
+    check_scheme(scheme)
+    if scheme is None and stored_dtype(read_checkpoint_dir(path)) == dtype:
+        model = load_hf_dir(path, dtype, attn_implementation)
+    else:
+        model = load_prepared_copy(path, dtype, attn_implementation, scheme)
+    return use_cpu_linears(model)
+
+
+def load_prepared_copy(path: Path, dtype: torch.dtype, attn_implementation: str, scheme: str | None) -> Qwen2ForCausalLM:
+    """The model from its prepared copy in the cache, writing the copy first if it is missing."""
+    config = Qwen2Config.from_json(path / "config.json")
+    model = meta_model(config, scheme, attn_implementation)
+    target = prepared_path(path, dtype, scheme)
+    if not target.is_file():
+        write_prepared(target, model, path, dtype)
+    state_dict = read_safetensors(target)
+    if config.tie_word_embeddings:
+        state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):  # the kernel needs aligned weights (save_aligned gives them)
+            module.weight = aligned(module.weight)
+    model.tie_weights()
+    model.model.rotary_emb = RotaryEmbedding(config)  # a buffer computed from the config, not loaded
+    return model.eval()

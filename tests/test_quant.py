@@ -1,0 +1,242 @@
+"""int8 weight-only quantisation: exact algebra on tiny models, the cached prepared copy, and what
+int8 costs on the real checkpoint (perplexity within 2 % of bf16)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_model, tiny_config
+from torch import nn
+
+import minqwen
+from minqwen import hub
+from minqwen.quant import (
+    KERNEL_MAX_ROWS,
+    Int8Linear,
+    aligned,
+    dequantize_int8,
+    quantize,
+    quantize_int8,
+)
+from minqwen.weights import load_hf_dir
+
+
+# --------------------------------------------------------------------------- quantize_int8
+def test_round_trip_error_is_at_most_half_a_step_per_row():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 48) * torch.logspace(-4, 1, 64)[:, None]  # rows of very different size
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (64,)
+    assert (q.abs().amax(dim=1) == 127).all(), "every row should use the full int8 range"
+    error = (dequantize_int8(q, scale) - weight).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_all_zero_row_is_exact():
+    weight = torch.randn(3, 16)
+    weight[1] = 0
+    q, scale = quantize_int8(weight)
+    assert scale[1] == 1 and (q[1] == 0).all()
+    assert torch.isfinite(dequantize_int8(q, scale)).all()
+
+
+@pytest.mark.parametrize("bad", [torch.randn(8), torch.randint(0, 5, (4, 4)), torch.randn(2, 3, 4)])
+def test_quantize_int8_rejects_what_is_not_a_float_matrix(bad):
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        quantize_int8(bad)
+
+
+# --------------------------------------------------------------------------- Int8Linear
+def random_linear(in_features: int, out_features: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    if bias:
+        nn.init.normal_(linear.bias)
+    return linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(KERNEL_MAX_ROWS + 1,), (3, 7), (2, 1, 13)])
+def test_widened_path_equals_linear_with_dequantized_weight_fp32(shape, bias):
+    linear = random_linear(64, 40, bias)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(*shape, 64)
+    expected = F.linear(x, layer.dequantize(), linear.bias)
+    got = layer(x)
+    assert got.shape == (*shape, 40) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, KERNEL_MAX_ROWS])
+def test_fused_kernel_equals_linear_with_dequantized_weight(rows, bias):
+    linear = random_linear(64, 40, bias)
+    layer = Int8Linear.from_linear(linear)
+    assert layer.kernel_ready()
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    expected = F.linear(x.float(), layer.dequantize(), linear.bias)  # the kernel takes bf16 activations
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_fused_and_widened_paths_agree_on_a_bf16_layer():
+    layer = Int8Linear.from_linear(random_linear(128, 96, True).to(torch.bfloat16))
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    fused, widened = layer._fused(x), layer._widened(x)  # both before the bias
+    torch.testing.assert_close(fused.float(), widened.float(), rtol=2e-2, atol=2e-2 * widened.abs().max().item())
+
+
+def test_kernel_is_skipped_where_it_cannot_run():
+    odd = Int8Linear.from_linear(random_linear(40, 8, False))  # 40 inputs: not a multiple of 16
+    assert not odd.kernel_ready()
+    x = torch.randn(1, 40)
+    torch.testing.assert_close(odd(x), F.linear(x, odd.dequantize()), rtol=1e-5, atol=1e-5)
+    misaligned = Int8Linear.from_linear(random_linear(64, 8, False))
+    misaligned.weight = torch.zeros(64 * 8 + 1, dtype=torch.int8)[1:].view(8, 64).copy_(misaligned.weight)
+    assert not misaligned.kernel_ready()
+    assert aligned(misaligned.weight).data_ptr() % 64 == 0
+
+
+def test_state_dict_names_follow_the_layer():
+    layer = Int8Linear.from_linear(random_linear(32, 16, True))
+    state = layer.state_dict()
+    assert {k: v.dtype for k, v in state.items()} == {"weight": torch.int8, "weight_scale": torch.float32, "bias": torch.float32}
+
+
+# --------------------------------------------------------------------------- quantize(model)
+def dequantized_twin(quantized: nn.Module, original: nn.Module) -> nn.Module:
+    """``original`` with every linear weight replaced by what its int8 copy stands for."""
+    twin = copy.deepcopy(original)
+    for name, module in quantized.named_modules():
+        if isinstance(module, Int8Linear):
+            twin.get_submodule(name).weight.data = module.dequantize(twin.get_submodule(name).weight.dtype)
+    return twin
+
+
+@pytest.mark.parametrize("lm_head", [True, False])
+def test_quantized_model_equals_its_dequantized_twin_fp32(lm_head):
+    original = random_model(tiny_config())
+    model = quantize(copy.deepcopy(original), "int8", lm_head=lm_head)
+    assert isinstance(model.lm_head, Int8Linear) == lm_head
+    assert isinstance(model.model.layers[1].mlp.down_proj, Int8Linear)
+    twin = dequantized_twin(model, original)
+    ids = torch.randint(0, 257, (2, KERNEL_MAX_ROWS + 3))  # prefill: the widened (fp32) path
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), twin(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_generation_with_cache_follows_the_dequantized_twin():
+    original = random_model(tiny_config(hidden_size=64, head_size=16)).to(torch.bfloat16)
+    model = quantize(copy.deepcopy(original), "int8")
+    assert model.make_cache(1, 4).keys.dtype == torch.bfloat16  # the cache follows the embedding, not the int8 head
+    twin = dequantized_twin(model, original)
+    prompt = [3, 14, 15, 92, 65, 35]
+    ours = minqwen.generate(model, prompt, max_new_tokens=6, stop_token_ids=[])
+    theirs = minqwen.generate(twin, prompt, max_new_tokens=6, stop_token_ids=[])
+    assert ours[:3] == theirs[:3], (ours, theirs)  # bf16 rounding may flip a late near-tie, not the first steps
+
+
+def test_tied_head_is_never_quantized():
+    model = quantize(random_model(tiny_config(tied=True)), "int8", lm_head=True)
+    assert isinstance(model.lm_head, nn.Linear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_unknown_scheme_is_refused():
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int4'"):
+        quantize(random_model(tiny_config()), "int4")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'fp8'"):
+        minqwen.from_pretrained("does-not-matter", quantize="fp8")  # refused before any download
+
+
+# --------------------------------------------------------------------------- the prepared copy
+@pytest.fixture
+def tiny_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    model = random_model(tiny_config(hidden_size=64, head_size=16))
+    minqwen.save_pretrained(model, tmp_path / "tiny")
+    return model, tmp_path / "tiny"
+
+
+def test_from_pretrained_int8_writes_an_aligned_prepared_copy_once(tiny_checkpoint, tmp_path):
+    original, path = tiny_checkpoint
+    first = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    prepared = list((tmp_path / "cache" / "prepared").rglob("*.safetensors"))
+    assert [p.name for p in prepared] == ["model.int8-bfloat16.safetensors"]
+    stamp = prepared[0].stat().st_mtime_ns
+    second = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    assert prepared[0].stat().st_mtime_ns == stamp, "the prepared copy is reused, not rewritten"
+    for name, module in second.named_modules():
+        if isinstance(module, Int8Linear):
+            assert module.weight.data_ptr() % 64 == 0, name
+    in_memory = quantize(copy.deepcopy(original), "int8")  # quantised from the fp32 weights, like the copy
+    for param in in_memory.parameters():  # everything else (embedding, norms, biases) in bf16; scales stay fp32
+        param.data = param.data.to(torch.bfloat16)
+    ids = torch.randint(0, 257, (1, 12))
+    with torch.no_grad():
+        for loaded in (first, second):
+            torch.testing.assert_close(loaded(ids), in_memory(ids), rtol=0, atol=0)
+
+
+def test_bf16_from_an_fp32_checkpoint_is_prepared_and_equal(tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint
+    model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
+    assert list((tmp_path / "cache" / "prepared").rglob("model.bfloat16.safetensors"))
+    ids = torch.randint(0, 257, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), load_hf_dir(path, torch.bfloat16)(ids), rtol=0, atol=0)  # converted in memory
+
+
+def test_a_changed_checkpoint_gets_a_fresh_prepared_copy(tiny_checkpoint):
+    _, path = tiny_checkpoint
+    minqwen.from_pretrained(path, dtype=torch.bfloat16)
+    minqwen.save_pretrained(random_model(tiny_config(hidden_size=64, head_size=16), seed=1), path)
+    model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 257, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), load_hf_dir(path, torch.bfloat16)(ids), rtol=0, atol=0)
+
+
+def test_same_dtype_load_maps_the_checkpoint_without_a_copy(tiny_checkpoint, tmp_path):
+    _, path = tiny_checkpoint
+    minqwen.from_pretrained(path)  # stored in fp32, loaded in fp32
+    assert not (tmp_path / "cache" / "prepared").exists()
+
+
+# --------------------------------------------------------------------------- the real checkpoint
+QUALITY_TOKENS = 3072
+
+
+@pytest.fixture(scope="module")
+def real_int8_and_bf16():
+    bf16 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16)
+    int8 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16, quantize="int8")
+    return int8, bf16
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    return minqwen.Tokenizer.from_pretrained(hub.DEFAULT_CHECKPOINT)
+
+
+def test_int8_perplexity_is_within_2_percent_of_bf16(real_int8_and_bf16, real_tokenizer):
+    from minqwen.evaluate import perplexity
+    from minqwen.train import DEFAULT_TEXT
+
+    int8, bf16 = real_int8_and_bf16
+    ids = real_tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:QUALITY_TOKENS]
+    windows = dict(context_length=1024, stride=1023)  # three windows: each token scored once, cheaply
+    ours = perplexity(int8, ids, **windows).nll
+    reference = perplexity(bf16, ids, **windows).nll
+    assert abs(ours - reference) <= 0.02 * reference, f"mean NLL int8 {ours:.4f} vs bf16 {reference:.4f}"
+
+
+def test_int8_greedy_continuation_starts_like_bf16(real_int8_and_bf16, real_tokenizer):
+    int8, bf16 = real_int8_and_bf16
+    for prompt in ["The capital of France is", "def fibonacci(n):\n    "]:
+        ids = real_tokenizer.encode(prompt)
+        ours = minqwen.generate(int8, ids, max_new_tokens=4, stop_token_ids=[])
+        theirs = minqwen.generate(bf16, ids, max_new_tokens=4, stop_token_ids=[])
+        assert ours[:2] == theirs[:2], (prompt, real_tokenizer.decode(ours), real_tokenizer.decode(theirs))
