@@ -1,0 +1,502 @@
+"""Benchmark minqwen against Hugging Face transformers on the real checkpoint, in one run.
+
+    python -m minqwen.bench                     # the full run (about half an hour on 2 cores)
+    python -m minqwen.bench --quick             # a smoke run: one repeat, prefill 128 only
+    python -m minqwen.bench --configs minqwen-bfloat16,hf-bfloat16 --repeats 5
+    python -m minqwen.bench tokenizer [...]     # the tokenizer benchmark (minqwen.tokenizer_bench)
+
+Each configuration (engine x dtype, plus minqwen int8) runs in a fresh Python process, so load
+time and peak memory are what a user would see, and the repeats of all configurations are
+interleaved, so a noisy neighbour slows every configuration alike. A worker measures, on the same
+fixed token ids for both engines:
+
+- load time: ``from_pretrained`` from the warm cache (imports not counted), and the first token
+  after it (which also pays for reading memory-mapped weights from the page cache);
+- decode: tokens/s of a greedy 128-token continuation of a 32-token prompt, after a warm-up;
+- prefill: tokens/s of processing 128 / 1024 / 4096 prompt tokens up to the first new token;
+- peak RSS through load + decode, and through everything.
+
+Decoding one token reads every weight except the embedding table once, so memory bandwidth sets
+a ceiling: ``bandwidth / bytes per token``. The benchmark measures the bandwidth too and prints
+that bound next to each decode figure. The table reports medians over the repeats with the ratio
+minqwen / HF, checks the targets of the performance issue, and the JSON (written outside the
+repository by default, under ``bench-results/``) keeps every sample plus the CPU's flags and
+``torch.backends.cpu.get_cpu_capability()`` -- bf16 speed depends on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ENGINES = ("minqwen", "hf")
+DTYPES = ("float32", "bfloat16")
+CONFIGS = ("hf-float32", "minqwen-float32", "hf-bfloat16", "minqwen-bfloat16", "minqwen-int8")
+# The minqwen configuration a user should pick on a CPU (see the README's "Performance").
+DEFAULT_FAST_CONFIG = "minqwen-bfloat16"
+RESULT_MARKER = "BENCH_RESULT "
+# CPU features that decide which dtype is fast: AVX2/FMA (fp32), AVX-512 BF16 / AMX (bf16 GEMM), VNNI (int8).
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+PROMPT_SEED = 1234
+TEXT_TOKEN_LIMIT = 151643  # ids below this are ordinary text pieces in Qwen2's vocabulary
+
+
+# --------------------------------------------------------------------------- what to run
+@dataclass(frozen=True)
+class Settings:
+    """What every configuration is asked to do; the same for all of them in one run."""
+
+    checkpoint: str = "qwen2.5-coder-0.5b-instruct"
+    prompt_tokens: int = 32
+    new_tokens: int = 128
+    prefill_lengths: tuple[int, ...] = (128, 1024, 4096)
+    repeats: int = 3
+    long_prefill: int = 4096  # prefill lengths >= this run in the first repeat only (minutes each with HF bf16)
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One row of the table: an engine, a dtype, and optionally minqwen's int8 weights."""
+
+    engine: str
+    dtype: str
+    quantize: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine}-{self.quantize or self.dtype}"
+
+    @staticmethod
+    def parse(name: str) -> RunConfig:
+        """``"minqwen-bfloat16"``, ``"hf-float32"``, ``"minqwen-int8"`` (int8 weights, bf16 activations)."""
+        engine, _, kind = name.partition("-")
+        if engine not in ENGINES or kind not in (*DTYPES, "int8") or (engine == "hf" and kind == "int8"):
+            raise ValueError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
+        return RunConfig(engine, "bfloat16", "int8") if kind == "int8" else RunConfig(engine, kind)
+
+
+# --------------------------------------------------------------------------- the machine
+def cpu_description() -> dict[str, Any]:
+    """CPU model, the flags that matter for dtype speed, and torch's view of the CPU."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """Everything needed to compare two runs: CPU, memory, OS and library versions."""
+    info = {"cpu": cpu_description(), "python": platform.python_version(), "os": platform.platform(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        total_kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+        info["memory_gb"] = round(total_kb / 2**20, 1)
+    return info
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Memory read bandwidth in GB/s: the median time to sum a buffer far larger than any cache."""
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    buffer.sum()  # touch every page once
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        seconds.append(time.perf_counter() - start)
+    return buffer.nbytes / statistics.median(seconds) / 1e9
+
+
+# --------------------------------------------------------------------------- the two engines
+def prompt_ids(length: int, vocab_size: int = TEXT_TOKEN_LIMIT, seed: int = PROMPT_SEED) -> list[int]:
+    """Fixed pseudo-random text-token ids, identical for both engines (speed ignores content)."""
+    generator = torch.Generator().manual_seed(seed + length)
+    return torch.randint(0, min(vocab_size, TEXT_TOKEN_LIMIT), (length,), generator=generator).tolist()
+
+
+class MinqwenRunner:
+    """Loads and runs a model with minqwen's own ``from_pretrained`` and generation loop."""
+
+    def __init__(self, config: RunConfig, checkpoint: str) -> None:
+        import minqwen
+
+        self.minqwen, self.config, self.checkpoint = minqwen, config, checkpoint
+        self.model = None
+
+    def load(self) -> None:
+        quantize = {"quantize": self.config.quantize} if self.config.quantize else {}
+        self.model = self.minqwen.from_pretrained(self.checkpoint, dtype=self.config.dtype, **quantize)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> list[float]:
+        """Greedy decoding that never stops early; returns the time each new token appeared."""
+        from .generate import generate_steps
+
+        return [time.perf_counter() for _ in generate_steps(self.model, [prompt], new_tokens, stop_token_ids=[])]
+
+
+class HFRunner:
+    """transformers' ``Qwen2ForCausalLM`` on the same weights (the HF-format directory minqwen made)."""
+
+    def __init__(self, config: RunConfig, checkpoint: str) -> None:
+        import transformers
+
+        from .hub import resolve
+
+        self.transformers, self.config = transformers, config
+        self.directory = resolve(checkpoint)
+        self.model = None
+
+    def load(self) -> None:
+        dtype = getattr(torch, self.config.dtype)
+        self.model = self.transformers.Qwen2ForCausalLM.from_pretrained(self.directory, dtype=dtype).eval()
+
+    def generate(self, prompt: list[int], new_tokens: int) -> list[float]:
+        """HF's ``generate`` (greedy, exactly ``new_tokens``); a streamer stamps each new token."""
+        stamps: list[float] = []
+
+        class Stamps(self.transformers.generation.streamers.BaseStreamer):
+            def put(self, value: torch.Tensor) -> None:  # the first call carries the prompt
+                stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        ids = torch.tensor([prompt])
+        self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=Stamps(),
+            pad_token_id=0,
+        )
+        return stamps[1:]
+
+
+RUNNERS: dict[str, Callable[[RunConfig, str], Any]] = {"minqwen": MinqwenRunner, "hf": HFRunner}
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every tensor once, except an untied embedding table."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else model.model.embed_tokens.weight
+    head = model.lm_head.weight if hasattr(model.lm_head, "weight") else None
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        pointer = tensor.data_ptr()
+        if pointer in seen or (pointer == embedding.data_ptr() and (head is None or head.data_ptr() != pointer)):
+            continue
+        seen.add(pointer)
+        total += tensor.nbytes
+    return total
+
+
+def peak_rss_mb() -> float:
+    """The largest resident set this process has had, in MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+# --------------------------------------------------------------------------- one worker process
+def run_worker(config: RunConfig, settings: Settings, repeat: int, load_only: bool = False) -> dict[str, Any]:
+    """Measure one configuration once, in this (fresh) process; returns the figures as a dict."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    runner = RUNNERS[config.engine](config, settings.checkpoint)  # imports the engine
+    result: dict[str, Any] = {"config": config.name, "repeat": repeat}
+    start = time.perf_counter()
+    with torch.no_grad():
+        runner.load()
+    result["load_s"] = time.perf_counter() - start
+    if load_only:
+        return result
+    vocab_size = runner.model.config.vocab_size
+    prompt = prompt_ids(settings.prompt_tokens, vocab_size)
+    result["first_token_s"] = result["load_s"] + time_to_first_token(runner, prompt)
+    runner.generate(prompt, 8)  # warm-up
+    start = time.perf_counter()
+    stamps = runner.generate(prompt, settings.new_tokens)
+    result["decode_tok_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    result["decode_tokens"] = len(stamps)
+    result["rss_decode_mb"] = peak_rss_mb()
+    result["bytes_per_token"] = bytes_per_token(runner.model)
+    for length in settings.prefill_lengths:
+        if repeat == 0 or length < settings.long_prefill:
+            result[f"prefill_{length}_tok_s"] = length / time_to_first_token(runner, prompt_ids(length, vocab_size))
+    result["rss_peak_mb"] = peak_rss_mb()
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+def time_to_first_token(runner: Any, prompt: list[int]) -> float:
+    """Seconds from calling generate until the first new token exists (the prompt's prefill)."""
+    start = time.perf_counter()
+    return runner.generate(prompt, 1)[0] - start
+
+
+def spawn_worker(config: RunConfig, settings: Settings, repeat: int, load_only: bool = False) -> dict[str, Any]:
+    """Run :func:`run_worker` in a fresh interpreter and return its figures (or the error)."""
+    job = {"config": config.name, "settings": asdict(settings), "repeat": repeat, "load_only": load_only}
+    command = [sys.executable, "-m", "minqwen.bench", "--worker", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    return {"config": config.name, "repeat": repeat, "error": (done.stderr or done.stdout).strip()[-3000:]}
+
+
+def worker_main(job_json: str) -> None:
+    """Entry point of a worker process: read the job, measure, print one marked JSON line."""
+    job = json.loads(job_json)
+    raw = job["settings"]
+    settings = Settings(**{**raw, "prefill_lengths": tuple(raw["prefill_lengths"])})
+    result = run_worker(RunConfig.parse(job["config"]), settings, job["repeat"], job["load_only"])
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- the whole run
+@dataclass
+class Report:
+    """Medians and samples per configuration and metric, plus the machine and the bound."""
+
+    settings: Settings
+    machine: dict[str, Any]
+    bandwidth_gb_s: float
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+    def add(self, result: dict[str, Any]) -> None:
+        name = result["config"]
+        if "error" in result:
+            self.errors[name] = result["error"]
+            return
+        metrics = self.samples.setdefault(name, {})
+        for key, value in result.items():
+            if key not in ("config", "repeat") and isinstance(value, (int, float)):
+                metrics.setdefault(key, []).append(value)
+
+    def median(self, config: str, metric: str) -> float | None:
+        values = self.samples.get(config, {}).get(metric)
+        return statistics.median(values) if values else None
+
+    def bound_tok_s(self, config: str) -> float | None:
+        """Decode ceiling from memory bandwidth: bandwidth / bytes read per token."""
+        nbytes = self.median(config, "bytes_per_token")
+        return self.bandwidth_gb_s * 1e9 / nbytes if nbytes else None
+
+    def to_json(self) -> dict[str, Any]:
+        medians = {c: {m: statistics.median(v) for m, v in metrics.items()} for c, metrics in self.samples.items()}
+        return {
+            "date": self.date,
+            "machine": self.machine,
+            "settings": asdict(self.settings),
+            "bandwidth_gb_s": self.bandwidth_gb_s,
+            "medians": medians,
+            "bounds_tok_s": {c: self.bound_tok_s(c) for c in self.samples},
+            "samples": self.samples,
+            "targets": [asdict(t) for t in check_targets(self)],
+            "errors": self.errors,
+            "table": format_table(self),
+        }
+
+
+def reference_config(config: str) -> str | None:
+    """The HF row a minqwen row is compared with: the same dtype; int8 against HF bf16."""
+    engine, _, kind = config.partition("-")
+    if engine != "minqwen":
+        return None
+    return "hf-bfloat16" if kind == "int8" else f"hf-{kind}"
+
+
+def ratio(report: Report, config: str, metric: str) -> float | None:
+    """minqwen / HF for one metric, or None when either is missing."""
+    reference = reference_config(config)
+    ours = report.median(config, metric)
+    theirs = report.median(reference, metric) if reference else None
+    return ours / theirs if ours is not None and theirs else None
+
+
+def format_cell(report: Report, config: str, metric: str, digits: int) -> str:
+    value = report.median(config, metric)
+    if value is None:
+        return "-"
+    factor = ratio(report, config, metric)
+    return f"{value:.{digits}f}" + (f" ({factor:.2f}x)" if factor is not None else "")
+
+
+def format_table(report: Report) -> str:
+    """A Markdown table of medians; minqwen rows show (minqwen / HF) after each figure."""
+    prefill = [f"prefill {n} tok/s" for n in report.settings.prefill_lengths]
+    header = ["config", "decode tok/s", "bound tok/s", "% of bound", *prefill, "load s", "first token s", "peak RSS MB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config in report.samples:
+        bound, decode = report.bound_tok_s(config), report.median(config, "decode_tok_s")
+        cells = [
+            config,
+            format_cell(report, config, "decode_tok_s", 1),
+            f"{bound:.1f}" if bound else "-",
+            f"{100 * decode / bound:.0f} %" if bound and decode else "-",
+            *(format_cell(report, config, f"prefill_{n}_tok_s", 1) for n in report.settings.prefill_lengths),
+            format_cell(report, config, "load_s", 2),
+            format_cell(report, config, "first_token_s", 2),
+            format_cell(report, config, "rss_decode_mb", 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    """One goal of the performance issue, checked on this run's medians."""
+
+    goal: str
+    value: float | None
+    met: bool | None
+
+
+def check_targets(report: Report) -> list[Target]:
+    """The issue's targets: decode, prefill, load and memory ratios against HF."""
+
+    def at_least(goal: str, value: float | None, limit: float, higher_is_better: bool = True) -> Target:
+        met = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        return Target(goal, value, met)
+
+    hf_prefill = [report.median(c, "prefill_1024_tok_s") for c in ("hf-float32", "hf-bfloat16")]
+    hf_best = max((v for v in hf_prefill if v), default=None)
+    ours = report.median(DEFAULT_FAST_CONFIG, "prefill_1024_tok_s")
+    targets = [
+        at_least("bf16 decode >= 1.25x HF bf16", ratio(report, "minqwen-bfloat16", "decode_tok_s"), 1.25),
+        at_least("int8 decode >= 2.0x HF bf16", ratio(report, "minqwen-int8", "decode_tok_s"), 2.0),
+        at_least(f"{DEFAULT_FAST_CONFIG} prefill-1024 >= 1.2x best HF", ours / hf_best if ours and hf_best else None, 1.2),
+    ]
+    for dtype in DTYPES:
+        targets.append(at_least(f"{dtype} load <= 0.5x HF", ratio(report, f"minqwen-{dtype}", "load_s"), 0.5, False))
+        targets.append(at_least(f"{dtype} peak RSS <= HF", ratio(report, f"minqwen-{dtype}", "rss_decode_mb"), 1.0, False))
+    return targets
+
+
+def format_targets(targets: list[Target]) -> str:
+    marks = {True: "met", False: "NOT met", None: "not measured"}
+    return "\n".join(f"- {t.goal}: " + (f"{t.value:.2f}x, " if t.value is not None else "") + marks[t.met] for t in targets)
+
+
+def run_benchmark(configs: list[RunConfig], settings: Settings, log: Callable[[str], None] = print) -> Report:
+    """Warm the caches, then run every configuration ``settings.repeats`` times, interleaved."""
+    from .hub import resolve
+
+    resolve(settings.checkpoint)  # fetch / convert once, outside any timing
+    log("warming the caches (one untimed load per configuration) ...")
+    for config in configs:
+        spawn_worker(config, settings, repeat=-1, load_only=True)
+    report = Report(settings, machine_info(), bandwidth_gb_s=measure_bandwidth())
+    log(f"memory read bandwidth: {report.bandwidth_gb_s:.1f} GB/s")
+    for repeat in range(settings.repeats):
+        for config in configs:
+            started = time.perf_counter()
+            result = spawn_worker(config, settings, repeat)
+            report.add(result)
+            status = f"error: {result['error'].splitlines()[-1]}" if "error" in result else f"decode {result['decode_tok_s']:.1f} tok/s"
+            log(f"repeat {repeat + 1}/{settings.repeats} {config.name}: {status} ({time.perf_counter() - started:.0f} s)")
+    return report
+
+
+def write_json(report: Report, path: Path) -> None:
+    """Write the report atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def default_output() -> Path:
+    """``bench-results/bench-<date>.json`` under the current directory (git-ignored in the repo)."""
+    return Path("bench-results") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    parser.add_argument("--checkpoint", default=Settings.checkpoint, help="checkpoint name, .gguf file or HF directory")
+    parser.add_argument("--repeats", type=int, default=Settings.repeats, help="runs per configuration (the median is reported)")
+    parser.add_argument("--prefill", default=",".join(map(str, Settings.prefill_lengths)), help="prefill lengths, comma-separated")
+    parser.add_argument("--new-tokens", type=int, default=Settings.new_tokens, help="decoded tokens per run")
+    parser.add_argument("--prompt-tokens", type=int, default=Settings.prompt_tokens, help="prompt length for decoding")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, prefill 128, 32 new tokens")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: bench-results/bench-<date>.json)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        return Settings(args.checkpoint, args.prompt_tokens, 32, (128,), 1, threads=args.threads)
+    lengths = tuple(int(n) for n in args.prefill.split(",") if n)
+    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or any(n < 1 for n in lengths):
+        raise SystemExit("--repeats and --prompt-tokens must be >= 1, --new-tokens >= 2, prefill lengths >= 1")
+    return Settings(args.checkpoint, args.prompt_tokens, args.new_tokens, lengths, args.repeats, threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokenizer"]:
+        from . import tokenizer_bench
+
+        tokenizer_bench.main(argv[1:])
+        return
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return
+    try:
+        configs = [RunConfig.parse(name.strip()) for name in args.configs.split(",") if name.strip()]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    report = run_benchmark(configs, settings_from_args(args))
+    out = args.out or default_output()
+    write_json(report, out)
+    cpu = report.machine["cpu"]
+    print(f"\n{report.date} -- {cpu['model']}, {cpu['cores']} cores, torch {report.machine['torch']} "
+          f"(CPU capability {cpu['torch_cpu_capability']}, flags: {' '.join(cpu['flags'])}), "
+          f"transformers {report.machine['transformers']}, {report.bandwidth_gb_s:.1f} GB/s read bandwidth\n")
+    print(format_table(report))
+    print("\nTargets (minqwen / HF, medians of this run):\n" + format_targets(check_targets(report)))
+    for name, error in report.errors.items():
+        print(f"\n{name} failed:\n{error}")
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The benchmark's bookkeeping (configs, bytes per token, medians, ratios, targets, table, JSON) and
+one real end-to-end run on a tiny checkpoint: fresh worker processes for minqwen and HF."""
+
+import json
+
+import pytest
+import torch
+from helpers import random_model, tiny_config
+
+import minqwen
+from minqwen import bench
+from minqwen.bench import Report, RunConfig, Settings
+from minqwen.quant import quantize
+
+
+def test_run_config_names_round_trip():
+    for name in bench.CONFIGS:
+        assert RunConfig.parse(name).name == name
+    assert RunConfig.parse("minqwen-int8") == RunConfig("minqwen", "bfloat16", "int8")
+    for bad in ("hf-int8", "minqwen-float16", "llama-float32", "minqwen"):
+        with pytest.raises(ValueError, match="unknown configuration"):
+            RunConfig.parse(bad)
+
+
+def test_prompt_ids_are_fixed_and_inside_the_vocabulary():
+    assert bench.prompt_ids(32) == bench.prompt_ids(32)
+    assert len(bench.prompt_ids(100, vocab_size=257)) == 100
+    assert max(bench.prompt_ids(500, vocab_size=257)) < 257
+    assert max(bench.prompt_ids(500)) < bench.TEXT_TOKEN_LIMIT
+
+
+def test_bytes_per_token_counts_every_weight_but_an_untied_embedding():
+    def total(model):  # parameters and buffers (int8 weights and the RoPE frequencies are buffers)
+        return sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+
+    model = random_model(tiny_config())
+    assert bench.bytes_per_token(model) == total(model) - model.model.embed_tokens.weight.nbytes
+    tied = random_model(tiny_config(tied=True))
+    assert bench.bytes_per_token(tied) == total(tied)  # the table is the head
+    int8 = quantize(random_model(tiny_config()).to(torch.bfloat16), "int8")
+    expected = total(int8) - int8.model.embed_tokens.weight.nbytes
+    assert bench.bytes_per_token(int8) == expected < bench.bytes_per_token(model) / 2
+
+
+def test_machine_info_names_the_cpu_capability():
+    info = bench.machine_info()
+    assert info["cpu"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(info["cpu"]["flags"]) <= set(bench.CPU_FLAGS)
+    assert info["torch"] == torch.__version__
+
+
+def test_measure_bandwidth_is_a_plausible_number():
+    assert 0.1 < bench.measure_bandwidth(megabytes=64, repeats=3) < 10_000
+
+
+def fake_report() -> Report:
+    report = Report(Settings(prefill_lengths=(128, 1024)), machine={}, bandwidth_gb_s=20.0)
+    rows = {
+        "hf-float32": dict(decode_tok_s=10.0, prefill_128_tok_s=100.0, prefill_1024_tok_s=100.0, load_s=2.0, rss_decode_mb=3000, bytes_per_token=2e9),
+        "hf-bfloat16": dict(decode_tok_s=15.0, prefill_128_tok_s=20.0, prefill_1024_tok_s=20.0, load_s=3.0, rss_decode_mb=2000, bytes_per_token=1e9),
+        "minqwen-bfloat16": dict(decode_tok_s=18.0, prefill_128_tok_s=90.0, prefill_1024_tok_s=130.0, load_s=0.5, rss_decode_mb=1000, bytes_per_token=1e9),
+        "minqwen-int8": dict(decode_tok_s=33.0, prefill_128_tok_s=80.0, prefill_1024_tok_s=90.0, load_s=0.6, rss_decode_mb=800, bytes_per_token=0.5e9),
+    }
+    for repeat in range(3):
+        for config, metrics in rows.items():
+            report.add({"config": config, "repeat": repeat, **{k: v * (1 + 0.1 * (repeat - 1)) for k, v in metrics.items()}})
+    report.add({"config": "minqwen-float32", "repeat": 0, "error": "Traceback ...\nMemoryError"})
+    return report
+
+
+def test_report_medians_ratios_and_bound():
+    report = fake_report()
+    assert report.median("minqwen-bfloat16", "decode_tok_s") == pytest.approx(18.0)
+    assert bench.ratio(report, "minqwen-bfloat16", "decode_tok_s") == pytest.approx(18 / 15)
+    assert bench.ratio(report, "minqwen-int8", "decode_tok_s") == pytest.approx(33 / 15)  # int8 against HF bf16
+    assert bench.ratio(report, "hf-float32", "decode_tok_s") is None
+    assert report.bound_tok_s("minqwen-int8") == pytest.approx(20e9 / 0.5e9)
+    assert report.errors == {"minqwen-float32": "Traceback ...\nMemoryError"}
+
+
+def test_targets_are_checked_against_the_issue():
+    targets = {t.goal: t for t in bench.check_targets(fake_report())}
+    assert targets["bf16 decode >= 1.25x HF bf16"].met is False  # 1.2x
+    assert targets["int8 decode >= 2.0x HF bf16"].met is True  # 2.2x
+    prefill = targets[f"{bench.DEFAULT_FAST_CONFIG} prefill-1024 >= 1.2x best HF"]
+    assert prefill.value == pytest.approx(1.3) and prefill.met
+    assert targets["bfloat16 load <= 0.5x HF"].met and targets["bfloat16 peak RSS <= HF"].met
+    assert targets["float32 load <= 0.5x HF"].met is None  # minqwen fp32 failed: not measured
+    text = bench.format_targets(list(targets.values()))
+    assert "1.20x, NOT met" in text and "not measured" in text
+
+
+def test_table_is_markdown_with_ratios():
+    table = bench.format_table(fake_report())
+    lines = table.splitlines()
+    assert lines[0].startswith("| config | decode tok/s | bound tok/s")
+    row = next(line for line in lines if line.startswith("| minqwen-int8 "))
+    assert "33.0 (2.20x)" in row and "40.0" in row and "82 %" in row
+    json.dumps(fake_report().to_json())  # everything serialises
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny"
+    minqwen.save_pretrained(random_model(tiny_config(hidden_size=64, head_size=16)), path)
+    return str(path)
+
+
+TINY = dict(prompt_tokens=8, new_tokens=4, prefill_lengths=(16, 32), repeats=1, long_prefill=32)
+
+
+@pytest.mark.parametrize("config", ["minqwen-float32", "minqwen-int8", "hf-bfloat16"])
+def test_run_worker_measures_everything(config, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(minqwen.hub.CACHE_ENV, str(tmp_path / "cache"))
+    result = bench.run_worker(RunConfig.parse(config), Settings(tiny_checkpoint, **TINY), repeat=1)
+    assert result["decode_tokens"] == 4
+    for key in ("load_s", "first_token_s", "decode_tok_s", "rss_decode_mb", "rss_peak_mb", "prefill_16_tok_s"):
+        assert result[key] > 0, key
+    assert "prefill_32_tok_s" not in result  # long prefills run in the first repeat only
+    assert result["bytes_per_token"] > 0
+
+
+def test_main_runs_workers_and_writes_json(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(minqwen.hub.CACHE_ENV, str(tmp_path / "cache"))
+    out = tmp_path / "results" / "run.json"
+    bench.main(
+        ["--configs", "hf-float32,minqwen-float32", "--checkpoint", tiny_checkpoint, "--repeats", "1",
+         "--prefill", "16", "--new-tokens", "4", "--prompt-tokens", "8", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert "| minqwen-float32 |" in printed and "Targets" in printed and str(out) in printed
+    data = json.loads(out.read_text())
+    assert not data["errors"], data["errors"]
+    assert set(data["medians"]) == {"hf-float32", "minqwen-float32"}
+    assert data["machine"]["cpu"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert data["medians"]["minqwen-float32"]["decode_tok_s"] > 0
+
+
+def test_a_failing_worker_is_reported_not_fatal(tmp_path):
+    result = bench.spawn_worker(RunConfig.parse("minqwen-float32"), Settings(str(tmp_path / "missing"), **TINY), 0)
+    assert "error" in result and "missing" in result["error"]
+
+
+def test_tokenizer_subcommand_delegates(monkeypatch):
+    from minqwen import tokenizer_bench
+
+    seen = []
+    monkeypatch.setattr(tokenizer_bench, "main", lambda argv: seen.append(argv))
+    bench.main(["tokenizer", "--megabytes", "0.1"])
+    assert seen == [["--megabytes", "0.1"]]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        bench.main(["--configs", "minqwen-int4"])
+    with pytest.raises(SystemExit, match="must be"):
+        bench.settings_from_args(bench.parse_args(["--repeats", "0"]))
+
+
+def test_worker_entry_point_prints_one_marked_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(minqwen.hub.CACHE_ENV, str(tmp_path / "cache"))
+    job = {"config": "minqwen-float32", "settings": {**TINY, "checkpoint": tiny_checkpoint, "threads": None}, "repeat": 0, "load_only": True}
+    bench.worker_main(json.dumps(job))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(bench.RESULT_MARKER)
+    assert json.loads(line[len(bench.RESULT_MARKER):])["load_s"] > 0
