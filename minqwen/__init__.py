@@ -11,6 +11,7 @@ from .config import Qwen2Config
 from .generate import generate, stream
 from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from .quant import quantize
 from .tokenizer import Tokenizer
 from .weights import from_pretrained, save_pretrained
 
@@ -26,6 +27,7 @@ __all__ = [
     "from_pretrained",
     "generate",
     "lm_loss",
+    "quantize",
     "save_pretrained",
     "stream",
 ]
