@@ -34,5 +34,9 @@ test: $(DEV_STAMP)
 lab: $(DEV_STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
+## bench: minqwen vs HF transformers on the real checkpoint (about half an hour on 2 cores); JSON in bench-results/
+bench: $(DEV_STAMP)
+	$(PY) -m minqwen.bench $(BENCH_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)
