@@ -225,6 +225,28 @@ def check_exercise_top_p(top_p_distribution: Callable[..., Any]) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- 11 performance
+def check_exercise_int8_rows(quantize_rows: Callable[..., Any]) -> bool:
+    """Notebook 11: ``quantize_rows(weight)`` -> (int8 Q, fp32 scale per row) as in :func:`minqwen.quant.quantize_int8`.
+
+    Compared through what the pair stands for, ``scale[:, None] * Q``, on rows of very different size.
+    """
+    from .quant import dequantize_int8, quantize_int8
+
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(16, 64, generator=generator) * torch.logspace(-3, 0, 16)[:, None]  # (out, in)
+
+    def stands_for(quantizer: Callable[..., Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def dequantized(w: torch.Tensor) -> torch.Tensor:
+            q, scale = quantizer(w)
+            assert torch.as_tensor(q).dtype == torch.int8, f"Q must be int8, got {torch.as_tensor(q).dtype}"
+            return dequantize_int8(torch.as_tensor(q), torch.as_tensor(scale))
+
+        return dequantized
+
+    return run_check("int8 per-row quantisation", stands_for(quantize_rows), stands_for(quantize_int8), weight, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- 12 looking inside
 def check_exercise_previous_token_score(previous_token_score: Callable[..., Any]) -> bool:
     """Notebook 12: ``previous_token_score(probs)`` -> (..., heads), probs (..., heads, seq, seq).

@@ -169,3 +169,27 @@ def test_top_p_exercise(wrong, capsys):
     assert exercises.check_exercise_top_p(stub) is False
     with pytest.raises(AssertionError, match="top-p"):
         exercises.check_exercise_top_p(wrong)
+
+
+# ------------------------------------------------------------------ 11 performance: int8 rows
+def quantize_rows(weight):
+    scale = weight.abs().amax(dim=1) / 127
+    return torch.round(weight / scale[:, None]).to(torch.int8), scale
+
+
+def quantize_per_tensor(weight):
+    scale = weight.abs().max() / 127
+    return torch.round(weight / scale).to(torch.int8), scale.expand(weight.shape[0])
+
+
+def quantize_rows_truncating(weight):
+    scale = weight.abs().amax(dim=1) / 127
+    return (weight / scale[:, None]).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("wrong", [quantize_per_tensor, quantize_rows_truncating])
+def test_int8_rows_exercise(wrong, capsys):
+    assert exercises.check_exercise_int8_rows(quantize_rows) is True
+    assert exercises.check_exercise_int8_rows(stub) is False
+    with pytest.raises(AssertionError, match="int8 per-row"):
+        exercises.check_exercise_int8_rows(wrong)
