@@ -225,6 +225,69 @@ def check_exercise_top_p(top_p_distribution: Callable[..., Any]) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- 09 long context: YaRN, sliding windows
+def check_exercise_sliding_window_mask(sliding_window_mask: Callable[..., Any]) -> bool:
+    """Notebook 09: ``sliding_window_mask(q_len, kv_len, window)`` -> (q_len, kv_len) bool.
+
+    The queries are the last q_len of kv_len positions; each sees itself and the ``window - 1``
+    keys before it. Compared with :func:`minqwen.attention.causal_mask`.
+    """
+    from .attention import causal_mask
+
+    def expected(q_len: int, kv_len: int, window: int) -> torch.Tensor:
+        mask = causal_mask(q_len, kv_len, sliding_window=window)
+        return torch.ones(q_len, kv_len, dtype=torch.bool) if mask is None else mask[0, 0]
+
+    for q_len, kv_len, window in [(8, 8, 3), (8, 8, 1), (3, 10, 4), (1, 12, 5), (5, 5, 9)]:
+        name = f"sliding-window mask, q_len={q_len}, kv_len={kv_len}, window={window}"
+        if not run_check(name, sliding_window_mask, expected, q_len, kv_len, window, atol=0):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- 10 Dual Chunk Attention
+def check_exercise_dca_distances(dca_distances: Callable[..., Any]) -> bool:
+    """Notebook 10: ``dca_distances(seq, chunk_size, local_size)`` -> (seq, seq) long.
+
+    The query-minus-key position DCA gives each pair of tokens 0..seq-1, and -1 where the key is
+    in the query's future. Compared with :func:`minqwen.dca.dca_position_matrices`.
+    """
+    from .dca import DualChunkSettings, dca_position_matrices
+
+    def expected(seq: int, chunk_size: int, local_size: int) -> torch.Tensor:
+        positions = torch.arange(seq)
+        query_pos, key_pos, _, visible = dca_position_matrices(positions, positions, DualChunkSettings(chunk_size, local_size))
+        return torch.where(visible, query_pos - key_pos, -1)
+
+    for seq, chunk_size, local_size in [(12, 6, 2), (30, 10, 2), (7, 8, 1), (40, 9, 4)]:
+        name = f"DCA distances, seq={seq}, chunk_size={chunk_size}, local_size={local_size}"
+        if not run_check(name, dca_distances, expected, seq, chunk_size, local_size, atol=0):
+            return False
+    return True
+
+
+def check_exercise_merge_softmax(merge: Callable[..., Any]) -> bool:
+    """Notebook 10: ``merge(out_a, lse_a, out_b, lse_b)`` -> the attention over both key sets.
+
+    ``out_x`` (T, D) is softmax attention over one set of keys and ``lse_x`` (T,) the log-sum-exp
+    of its scores. Compared with the attention over the concatenated keys.
+    """
+    generator = torch.Generator().manual_seed(10)
+    q = torch.randn(5, 8, generator=generator)  # (T, D)
+    keys, values = torch.randn(11, 8, generator=generator), torch.randn(11, 8, generator=generator)  # (S, D)
+
+    def half(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = q @ k.T  # (T, S_half)
+        return scores.softmax(dim=-1) @ v, scores.logsumexp(dim=-1)
+
+    (out_a, lse_a), (out_b, lse_b) = half(keys[:4], values[:4]), half(keys[4:], values[4:])
+
+    def expected(*_: torch.Tensor) -> torch.Tensor:
+        return (q @ keys.T).softmax(dim=-1) @ values
+
+    return run_check("merging two partial softmaxes", merge, expected, out_a, lse_a, out_b, lse_b)
+
+
 # --------------------------------------------------------------------------- 11 performance
 def check_exercise_int8_rows(quantize_rows: Callable[..., Any]) -> bool:
     """Notebook 11: ``quantize_rows(weight)`` -> (int8 Q, fp32 scale per row) as in :func:`minqwen.quant.quantize_int8`.

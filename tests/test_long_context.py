@@ -394,3 +394,43 @@ def test_extend_context_equals_building_with_the_config():
     with pytest.raises(ValueError, match="local_size"):
         base.extend_context(128, dual_chunk_attention_config={"chunk_size": 4, "local_size": 4})
     assert base.config.dual_chunk_attention_config is None  # a failed switch changes nothing
+
+
+# --------------------------------------------------------------------------- notebook exercises
+def right_sliding_window_mask(q_len, kv_len, window):
+    q_pos, k_pos = torch.arange(kv_len - q_len, kv_len)[:, None], torch.arange(kv_len)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+
+def right_dca_distances(seq, chunk_size, local_size):
+    chunk_len, p = chunk_size - local_size, torch.arange(seq)
+    q_chunk, k_chunk, r = (p // chunk_len)[:, None], (p // chunk_len)[None, :], (p % chunk_len)[:, None]
+    query = torch.where(k_chunk == q_chunk, r, torch.where(k_chunk == q_chunk - 1, (r + chunk_len).clamp(max=chunk_size), min(2 * chunk_len - 1, chunk_size)))
+    return torch.where(p[None, :] <= p[:, None], query - (p % chunk_len)[None, :], -1)
+
+
+def right_merge(out_a, lse_a, out_b, lse_b):
+    lse = torch.logaddexp(lse_a, lse_b)[:, None]
+    return out_a * (lse_a[:, None] - lse).exp() + out_b * (lse_b[:, None] - lse).exp()
+
+
+EXERCISES = [
+    ("check_exercise_sliding_window_mask", right_sliding_window_mask, lambda q, s, w: right_sliding_window_mask(q, s, w + 1)),
+    ("check_exercise_dca_distances", right_dca_distances, lambda s, c, w: right_dca_distances(s, c, 0)),
+    ("check_exercise_merge_softmax", right_merge, lambda oa, la, ob, lb: (oa + ob) / 2),
+]
+
+
+@pytest.mark.parametrize("check,right,wrong", EXERCISES, ids=[e[0] for e in EXERCISES])
+def test_exercise_checks(check, right, wrong, capsys):
+    from minqwen import exercises
+
+    check = getattr(exercises, check)
+    assert check(right) and "correct!" in capsys.readouterr().out
+    with pytest.raises(AssertionError):
+        check(wrong)
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert not check(stub) and "not done yet" in capsys.readouterr().out
