@@ -86,6 +86,8 @@ class Int8Linear(nn.Module):
         """Quantise an ``nn.Linear``; the bias (if any) keeps the linear's dtype."""
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
+        if weight.is_meta:  # a skeleton for loading: shapes only, the values come from the checkpoint
+            return layer
         layer.weight, layer.weight_scale = quantize_int8(weight)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

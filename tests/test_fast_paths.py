@@ -2,6 +2,7 @@
 the loading shortcuts, and the fast default model against HF transformers."""
 
 import copy
+import os
 import sys
 
 import pytest
@@ -106,13 +107,16 @@ def test_from_pretrained_gives_cpu_linears(tmp_path, monkeypatch):
 
 
 def test_loading_does_not_import_dynamo(tmp_path):
-    """Building the model on the meta device must not trigger random init (seconds of imports)."""
+    """Building the model on the meta device must not trigger random init or quantisation maths
+    there (torch imports dynamo for those: seconds of load time)."""
     import subprocess
 
     minqwen.save_pretrained(random_model(tiny_config()), tmp_path / "tiny")
     code = (
-        "import sys, minqwen; minqwen.from_pretrained(sys.argv[1]); "
+        "import sys, minqwen; path = sys.argv[1]; minqwen.from_pretrained(path); "
+        "minqwen.from_pretrained(path, dtype='bfloat16'); minqwen.from_pretrained(path, dtype='bfloat16', quantize='int8'); "
         "assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], capture_output=True, text=True)
+    env = {**os.environ, minqwen.hub.CACHE_ENV: str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tiny")], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
