@@ -288,11 +288,21 @@ class DualChunkRope:
 
     @classmethod
     def build(
-        cls, rotary: RotaryEmbedding, settings: DualChunkSettings, batch: int, q_start: int, q_len: int, dtype: torch.dtype, device: torch.device
+        cls,
+        rotary: RotaryEmbedding,
+        settings: DualChunkSettings,
+        batch: int,
+        q_start: int,
+        q_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> "DualChunkRope":
         """Tables for queries at ``q_start .. q_start + q_len - 1`` (identical for every row)."""
         positions = torch.arange(q_start, q_start + q_len, device=device)
-        table = lambda p: rotary(p.expand(batch, q_len), dtype)  # noqa: E731
+
+        def table(relabelled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return rotary(relabelled.expand(batch, q_len), dtype)
+
         queries = {part: table(p) for part, p in settings.query_positions(positions).items()}
         return cls(settings, q_start, table(settings.key_positions(positions)), queries)
 
@@ -319,4 +329,6 @@ __all__ = [
     "dca_position_matrices",
     "reference_dca_attention",
     "chunked_dca_attention",
+    "partial_softmax",
+    "PartialSoftmax",
 ]
