@@ -434,3 +434,16 @@ def test_exercise_checks(check, right, wrong, capsys):
         raise NotImplementedError
 
     assert not check(stub) and "not done yet" in capsys.readouterr().out
+
+
+def test_generate_with_dca_uses_the_cache_correctly():
+    """minqwen.generate passes explicit positions; with DCA cached decoding equals recomputation."""
+    import minqwen
+
+    model = dca_model()
+    prompts = ids_of(14).tolist()  # two prompts of equal length: no padding
+    cached = minqwen.generate(model, prompts, max_new_tokens=20, stop_token_ids=[])
+    recomputed = minqwen.generate(model, prompts, max_new_tokens=20, stop_token_ids=[], use_cache=False)
+    assert cached == recomputed and len(cached[0]) == 20
+    with pytest.raises(ValueError, match="unpadded"):
+        minqwen.generate(model, [prompts[0], prompts[1][:5]], max_new_tokens=2)
