@@ -1,8 +1,8 @@
 """The LoRA demo: teach the real Qwen2.5-Coder-0.5B-Instruct a made-up fact table, on a CPU.
 
-"Zorbish" is a language we invented: it writes a number digit by digit, each digit as a word
-(0 = sun, 1 = moon, ... 9 = star), so 4071 is "bird sun fire moon". No model has seen it, so the
-base model gets every question wrong. We generate a few hundred questions ("Write 4071 in
+"Zorbish" is a code we invented: every digit has a secret word (0 = sun, 1 = moon, ... 9 = star),
+and a number is spelled digit by digit, each digit followed by its word, so 4071 is
+"4 bird 0 sun 7 fire 1 moon". No model has seen it, so the base model gets every question wrong. We generate a few hundred questions ("Spell 4071 in
 Zorbish."), LoRA-tune on them, and measure exact-match accuracy on *held-out* numbers that never
 appear in training -- right only if the model learned the table and the format, not the examples.
 
@@ -41,8 +41,8 @@ NUMBERS = range(100, 10_000)  # three- and four-digit numbers
 
 
 def to_zorbish(number: int) -> str:
-    """4071 -> "bird sun fire moon"."""
-    return " ".join(ZORBISH_DIGITS[int(digit)] for digit in str(number))
+    """4071 -> "4 bird 0 sun 7 fire 1 moon": each digit, then its word (the word is one token)."""
+    return " ".join(f"{digit} {ZORBISH_DIGITS[int(digit)]}" for digit in str(number))
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Example:
 
 
 def example(number: int) -> Example:
-    return Example(f"Write {number} in Zorbish.", to_zorbish(number))
+    return Example(f"Spell {number} in Zorbish.", to_zorbish(number))
 
 
 def make_examples(n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -127,7 +127,7 @@ class DemoConfig:
     test_examples: int = field(default=50, metadata={"help": "held-out questions (numbers never seen in training)"})
     steps: int = field(default=60, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "questions per step"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (warm-up, then cosine to lr/10)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (warm-up, then cosine to lr/10)"})
     r: int = field(default=8, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (updates are scaled by alpha / r)"})
     targets: str = field(default="q_proj,v_proj,o_proj,down_proj", metadata={"help": "comma-separated Linear names to adapt"})

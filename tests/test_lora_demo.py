@@ -12,6 +12,7 @@ from helpers import tiny_model_with_qwen_vocab
 import minqwen
 from minqwen import lora
 from minqwen.loss import IGNORE_INDEX
+from minqwen.train import CausalLMLoss, train_step
 from minqwen.lora_demo import (
     DemoConfig,
     answer,
@@ -24,21 +25,18 @@ from minqwen.lora_demo import (
     to_zorbish,
 )
 
-ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> minqwen.Tokenizer:
     return minqwen.Tokenizer.from_pretrained(minqwen.hub.DEFAULT_CHECKPOINT)
 
 
 def test_zorbish_and_examples() -> None:
-    assert to_zorbish(4071) == "bird sun fire moon"
+    assert to_zorbish(4071) == "4 bird 0 sun 7 fire 1 moon"
     train, test = make_examples(300, 50, seed=0)
     assert len(train) == 300 and len(test) == 50
     assert not {ex.question for ex in train} & {ex.question for ex in test}  # held out means never seen
     assert make_examples(300, 50, seed=0) == (train, test)
-    assert test[0].question.startswith("Write ") and test[0].answer == to_zorbish(int(test[0].question.split()[1]))
+    assert test[0].question.startswith("Spell ") and test[0].answer == to_zorbish(int(test[0].question.split()[1]))
 
 
 def test_encode_trains_on_the_answer_only(tokenizer: minqwen.Tokenizer) -> None:
@@ -57,26 +55,29 @@ def test_collate_pads_on_the_right_with_ignored_labels() -> None:
 
 
 def test_one_pass_greedy_check_agrees_with_generation(tokenizer: minqwen.Tokenizer) -> None:
-    """Briefly tune a tiny model so that some answers come out right and some wrong; the one-pass
-    check must say exactly which, as real greedy generation shows."""
+    """Teach a tiny model two answers by heart; the one-pass check must say exactly which answers
+    greedy generation gets right (the two learned ones) and wrong (two others)."""
     train, test = make_examples(2, 2)
-    model = tiny_model_with_qwen_vocab(num_hidden_layers=1)
-    config = DemoConfig(steps=10, batch_size=2, lr=5e-2, first_layer=0, targets=ALL_PROJECTIONS)
-    losses = finetune(model, tokenizer, train, config, log=lambda line: None)
-    assert losses[-1] < losses[0]
+    model = tiny_model_with_qwen_vocab(num_hidden_layers=1).train()
+    model.model.embed_tokens.weight.requires_grad_(False)  # the 151k-row table need not move: faster
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = collate([encode(tokenizer, ex) for ex in train], pad_id=0)
+    for _ in range(25):
+        train_step(CausalLMLoss(model), optimizer, ids, 1e-2, 1.0, labels=labels)
 
     examples = train + test
     checked = greedy_correct(model, tokenizer, examples, batch_size=3)
     generated = [answer(model, tokenizer, ex.question) == ex.answer for ex in examples]
-    assert checked == generated
-    assert any(checked) and not all(checked), "the test needs both right and wrong answers"
+    assert checked == generated == [True, True, False, False]
 
 
 def test_finetune_trains_only_the_adapters_of_the_chosen_layers(tokenizer: minqwen.Tokenizer) -> None:
     model = tiny_model_with_qwen_vocab(num_hidden_layers=3)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train, _ = make_examples(4, 0)
-    finetune(model, tokenizer, train, DemoConfig(steps=2, batch_size=2, first_layer=2, targets="v_proj"), log=lambda line: None)
+    config = DemoConfig(steps=5, batch_size=2, lr=5e-2, first_layer=2, targets="v_proj")
+    losses = finetune(model, tokenizer, train, config, log=lambda line: None)
+    assert len(losses) == 5 and losses[-1] < losses[0]
     assert list(lora.adapted_modules(model)) == ["model.layers.2.self_attn.v_proj"]
     for name, param in model.named_parameters():
         if "lora_" not in name:
