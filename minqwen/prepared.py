@@ -16,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import Qwen2Config
 from .hub import cache_dir, file_lock
-from .linear import use_cpu_linears
+from .linear import use_cpu_linears, wants_column_major
 from .model import Qwen2ForCausalLM
 from .quant import SCHEMES, Int8Linear, aligned, quantize, quantize_int8
 from .rope import RotaryEmbedding
@@ -46,10 +48,20 @@ def check_scheme(scheme: str | None) -> None:
         raise ValueError(f"unknown quantization scheme {scheme!r}; supported: {', '.join(SCHEMES)} (or None)")
 
 
-def variant_name(dtype: torch.dtype, scheme: str | None) -> str:
-    """``"bfloat16"``, ``"int8-bfloat16"`` ...: the dtype of what is not quantised, after the scheme."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return f"{scheme}-{dtype_name}" if scheme else dtype_name
+@dataclass(frozen=True)
+class Variant:
+    """What a prepared copy holds: the dtype of what is not quantised, the scheme, the layout."""
+
+    dtype: torch.dtype
+    scheme: str | None = None
+    column_major: bool = False  # linear weights stored transposed, (in, out) (see minqwen.linear)
+
+    @property
+    def name(self) -> str:
+        """``"bfloat16"``, ``"bfloat16-columns"``, ``"int8-bfloat16"`` ..."""
+        name = str(self.dtype).removeprefix("torch.")
+        name = f"{self.scheme}-{name}" if self.scheme else name
+        return f"{name}-columns" if self.column_major else name
 
 
 def source_files(path: Path) -> list[Path]:
@@ -59,11 +71,11 @@ def source_files(path: Path) -> list[Path]:
     return [path / INDEX_FILE, *sorted(path.glob("*.safetensors"))]
 
 
-def prepared_path(path: Path, dtype: torch.dtype, scheme: str | None) -> Path:
+def prepared_path(path: Path, variant: Variant) -> Path:
     """Where the prepared copy of the checkpoint in ``path`` lives in the cache."""
     identity = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(path))
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir() / "prepared" / f"{path.name}-{key}" / f"model.{variant_name(dtype, scheme)}.safetensors"
+    return cache_dir() / "prepared" / f"{path.name}-{key}" / f"model.{variant.name}.safetensors"
 
 
 def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
@@ -78,16 +90,25 @@ def meta_model(config: Qwen2Config, scheme: str | None, attn_implementation: str
         return quantize(model, scheme) if scheme else model
 
 
-def prepare_state_dict(model: Qwen2ForCausalLM, source: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The source tensors in the layout ``model`` (a :func:`meta_model`) expects: int8 + scales, or ``dtype``."""
+def column_major_names(model: Qwen2ForCausalLM) -> list[str]:
+    """The weights a column-major copy stores transposed: every plain linear's (not a tied head's)."""
+    names = [f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear]
+    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
+
+
+def prepare_state_dict(model: Qwen2ForCausalLM, source: dict[str, torch.Tensor], variant: Variant) -> dict[str, torch.Tensor]:
+    """The source tensors as ``variant`` stores them for ``model`` (a :func:`meta_model`)."""
     prepared: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             weight, scale = quantize_int8(source[f"{name}.weight"])
             prepared[f"{name}.weight"], prepared[f"{name}.weight_scale"] = weight, scale
+    if variant.column_major:
+        for name in column_major_names(model):
+            prepared[name] = source[name].to(variant.dtype).t().contiguous()  # (in, out)
     for name, tensor in source.items():
         if name not in prepared:
-            prepared[name] = tensor.to(dtype).contiguous()
+            prepared[name] = tensor.to(variant.dtype).contiguous()
     return prepared
 
 
@@ -113,7 +134,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
             f.write(tensors[name].contiguous().view(torch.uint8).numpy().data)
 
 
-def write_prepared(target: Path, model: Qwen2ForCausalLM, path: Path, dtype: torch.dtype) -> None:
+def write_prepared(target: Path, model: Qwen2ForCausalLM, path: Path, variant: Variant) -> None:
     """Convert the checkpoint in ``path`` once and write it to ``target`` (atomically, under a lock)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(f"prepared-{target.parent.name}-{target.name}"):
@@ -121,7 +142,7 @@ def write_prepared(target: Path, model: Qwen2ForCausalLM, path: Path, dtype: tor
             return
         source = read_checkpoint_dir(path)
         check_state_dict(model.config, source, str(path))
-        prepared = prepare_state_dict(model, source, dtype)
+        prepared = prepare_state_dict(model, source, variant)
 
         def write(tmp: str) -> None:
             save_aligned(prepared, tmp, {"format": "pt", "source": str(path)})
@@ -135,29 +156,33 @@ def load_prepared(
 ) -> Qwen2ForCausalLM:
     """Load the HF directory ``path`` in ``dtype`` (and ``scheme``), through a prepared copy when one helps.
 
-    A checkpoint already stored in ``dtype`` and not quantised is mapped directly; otherwise the
-    prepared copy is written on first use and mapped from then on. Linear layers become
-    :class:`~minqwen.linear.CPULinear` (bf16 prefill multiplies in fp32 where that is faster).
+    A checkpoint already stored as wanted is mapped directly; otherwise the prepared copy is
+    written on first use and mapped from then on. Linear layers become
+    :class:`~minqwen.linear.CPULinear`, with column-major bf16 weights where that is faster.
     """
     from .weights import load_hf_dir
 
     path = Path(path)
     check_scheme(scheme)
-    if scheme is None and stored_dtype(read_checkpoint_dir(path)) == dtype:
+    variant = Variant(dtype, scheme, column_major=scheme is None and wants_column_major(dtype))
+    if variant == Variant(stored_dtype(read_checkpoint_dir(path))):
         model = load_hf_dir(path, dtype, attn_implementation)
     else:
-        model = load_prepared_copy(path, dtype, attn_implementation, scheme)
+        model = load_prepared_copy(path, variant, attn_implementation)
     return use_cpu_linears(model)
 
 
-def load_prepared_copy(path: Path, dtype: torch.dtype, attn_implementation: str, scheme: str | None) -> Qwen2ForCausalLM:
+def load_prepared_copy(path: Path, variant: Variant, attn_implementation: str) -> Qwen2ForCausalLM:
     """The model from its prepared copy in the cache, writing the copy first if it is missing."""
     config = Qwen2Config.from_json(path / "config.json")
-    model = meta_model(config, scheme, attn_implementation)
-    target = prepared_path(path, dtype, scheme)
+    model = meta_model(config, variant.scheme, attn_implementation)
+    target = prepared_path(path, variant)
     if not target.is_file():
-        write_prepared(target, model, path, dtype)
+        write_prepared(target, model, path, variant)
     state_dict = read_safetensors(target)
+    if variant.column_major:
+        for name in column_major_names(model):
+            state_dict[name] = state_dict[name].t()  # (out, in) again, as a view: no copy
     if config.tie_word_embeddings:
         state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -183,7 +183,7 @@ def test_from_pretrained_int8_writes_an_aligned_prepared_copy_once(tiny_checkpoi
 def test_bf16_from_an_fp32_checkpoint_is_prepared_and_equal(tiny_checkpoint, tmp_path):
     _, path = tiny_checkpoint
     model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
-    assert list((tmp_path / "cache" / "prepared").rglob("model.bfloat16.safetensors"))
+    assert list((tmp_path / "cache" / "prepared").rglob("model.bfloat16*.safetensors"))  # "-columns" on AVX2
     ids = torch.randint(0, 257, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), load_hf_dir(path, torch.bfloat16)(ids), rtol=0, atol=0)  # converted in memory
