@@ -3,12 +3,13 @@
 A checkpoint stored in fp32 and loaded as bf16 (or int8) needs converting: reading 2.5 GB of fp32,
 writing a second copy, and holding both in memory for a moment. Done on every load, that is most
 of the load time and the peak memory. So the first such load writes the converted tensors once to
-``<cache>/prepared/<source key>/model.<variant>.safetensors`` (atomically, under a lock) and every
+``<cache>/prepared/<source>/model.<variant>.<key>.safetensors`` (atomically, under a lock) and every
 later load maps that file: no conversion, no second copy, and only the pages a forward actually
 touches become resident (most of the embedding table never does).
 
-The source key hashes the source files' paths, sizes and modification times, so a changed
-checkpoint gets a fresh prepared file instead of a stale one.
+The file name carries a key of the source files' sizes and modification times, so a changed
+checkpoint gets a fresh prepared file (and the stale one is deleted) instead of a wrong one.
+The prepared copies can be deleted at any time; they are made again when needed.
 """
 
 from __future__ import annotations
@@ -71,11 +72,27 @@ def source_files(path: Path) -> list[Path]:
     return [path / INDEX_FILE, *sorted(path.glob("*.safetensors"))]
 
 
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def prepared_path(path: Path, variant: Variant) -> Path:
-    """Where the prepared copy of the checkpoint in ``path`` lives in the cache."""
-    identity = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(path))
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir() / "prepared" / f"{path.name}-{key}" / f"model.{variant.name}.safetensors"
+    """Where the prepared copy of the checkpoint in ``path`` lives in the cache.
+
+    One directory per source directory; the file name carries the variant and a key of the
+    source files' sizes and modification times, so a changed checkpoint gets a new copy.
+    """
+    directory = cache_dir() / "prepared" / f"{path.name}-{short_hash(str(path.resolve()))}"
+    key = short_hash("|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in source_files(path)))
+    return directory / f"model.{variant.name}.{key}.safetensors"
+
+
+def remove_stale_copies(target: Path) -> None:
+    """Delete copies of the same variant made from an earlier version of the source."""
+    variant = target.name.rsplit(".", 2)[0]  # "model.<variant>"
+    for old in target.parent.glob(f"{variant}.*.safetensors"):
+        if old != target and old.name.count(".") == target.name.count("."):
+            old.unlink(missing_ok=True)
 
 
 def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
@@ -149,6 +166,7 @@ def write_prepared(target: Path, model: Qwen2ForCausalLM, path: Path, variant: V
             os.chmod(tmp, 0o644)  # readable like the rest of the cache
 
         _atomic_write(target, write)
+        remove_stale_copies(target)
 
 
 def load_prepared(

@@ -19,6 +19,7 @@ from minqwen.quant import (
     quantize,
     quantize_int8,
 )
+from minqwen.linear import use_cpu_linears
 from minqwen.weights import load_hf_dir
 
 
@@ -164,7 +165,7 @@ def test_from_pretrained_int8_writes_an_aligned_prepared_copy_once(tiny_checkpoi
     original, path = tiny_checkpoint
     first = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
     prepared = list((tmp_path / "cache" / "prepared").rglob("*.safetensors"))
-    assert [p.name for p in prepared] == ["model.int8-bfloat16.safetensors"]
+    assert [p.name.split(".")[1] for p in prepared] == ["int8-bfloat16"]  # model.<variant>.<source key>.safetensors
     stamp = prepared[0].stat().st_mtime_ns
     second = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
     assert prepared[0].stat().st_mtime_ns == stamp, "the prepared copy is reused, not rewritten"
@@ -180,23 +181,31 @@ def test_from_pretrained_int8_writes_an_aligned_prepared_copy_once(tiny_checkpoi
             torch.testing.assert_close(loaded(ids), in_memory(ids), rtol=0, atol=0)
 
 
+def converted_in_memory(path):
+    """The checkpoint converted to bf16 in memory, with the same fast layers as from_pretrained."""
+    return use_cpu_linears(load_hf_dir(path, torch.bfloat16))
+
+
 def test_bf16_from_an_fp32_checkpoint_is_prepared_and_equal(tiny_checkpoint, tmp_path):
     _, path = tiny_checkpoint
     model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
     assert list((tmp_path / "cache" / "prepared").rglob("model.bfloat16*.safetensors"))  # "-columns" on AVX2
     ids = torch.randint(0, 257, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), load_hf_dir(path, torch.bfloat16)(ids), rtol=0, atol=0)  # converted in memory
+        torch.testing.assert_close(model(ids), converted_in_memory(path)(ids), rtol=0, atol=0)
 
 
-def test_a_changed_checkpoint_gets_a_fresh_prepared_copy(tiny_checkpoint):
+def test_a_changed_checkpoint_gets_a_fresh_prepared_copy(tiny_checkpoint, tmp_path):
     _, path = tiny_checkpoint
     minqwen.from_pretrained(path, dtype=torch.bfloat16)
+    (stale,) = (tmp_path / "cache" / "prepared").rglob("*.safetensors")
     minqwen.save_pretrained(random_model(tiny_config(hidden_size=64, head_size=16), seed=1), path)
     model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
     ids = torch.randint(0, 257, (1, 9))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), load_hf_dir(path, torch.bfloat16)(ids), rtol=0, atol=0)
+        torch.testing.assert_close(model(ids), converted_in_memory(path)(ids), rtol=0, atol=0)
+    (fresh,) = (tmp_path / "cache" / "prepared").rglob("*.safetensors")  # the stale copy is gone
+    assert fresh != stale and not stale.exists()
 
 
 def test_same_dtype_load_maps_the_checkpoint_without_a_copy(tiny_checkpoint, tmp_path):
