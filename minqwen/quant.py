@@ -49,7 +49,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = weight.abs().amax(dim=1)  # (out,)
     scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
     q = torch.round(weight / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale  # row-major whatever the input's layout: the kernel reads rows
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

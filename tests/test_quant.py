@@ -34,6 +34,13 @@ def test_round_trip_error_is_at_most_half_a_step_per_row():
     assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()
 
 
+def test_quantized_matrix_is_row_major_whatever_the_input_layout():
+    weight = torch.randn(32, 48).t().contiguous().t()  # column-major, as CPULinear keeps bf16 weights on AVX2
+    q, scale = quantize_int8(weight)
+    assert q.is_contiguous()
+    torch.testing.assert_close(dequantize_int8(q, scale), dequantize_int8(*quantize_int8(weight.contiguous())), rtol=0, atol=0)
+
+
 def test_all_zero_row_is_exact():
     weight = torch.randn(3, 16)
     weight[1] = 0
