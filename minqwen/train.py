@@ -19,7 +19,7 @@ loss is in nats per byte. Checkpoints are HF-format directories (``config.json``
 ``model.safetensors``, ``tokenizer.json``) that :func:`minqwen.from_pretrained`,
 :class:`minqwen.Tokenizer` and HF transformers all load.
 
-    python -m minqwen train --steps 2000 --out-dir runs/tiny
+    python -m minqwen train --out-dir runs/tiny
     torchrun --standalone --nproc_per_node 2 -m minqwen train --out-dir runs/tiny-ddp
 """
 
@@ -72,15 +72,15 @@ class TrainConfig:
     text: str = _setting(str(DEFAULT_TEXT), "UTF-8 text file to train on (default: Python stdlib sources shipped with minqwen)", resumable=True)
     val_fraction: float = _setting(0.1, "fraction of the text, at its end, held out for evaluation")
     seq_len: int = _setting(128, "tokens (bytes) per training window")
-    batch_size: int = _setting(16, "windows per step, summed over all processes")
+    batch_size: int = _setting(8, "windows per step, summed over all processes")
     # model: Qwen2Config fields (vocab_size is 256, one token per byte)
-    hidden_size: int = _setting(128, "model width")
-    num_hidden_layers: int = _setting(4, "decoder blocks")
+    hidden_size: int = _setting(96, "model width")
+    num_hidden_layers: int = _setting(3, "decoder blocks")
     num_attention_heads: int = _setting(4, "query heads")
     num_key_value_heads: int = _setting(2, "key/value heads (GQA)")
-    intermediate_size: int = _setting(384, "SwiGLU hidden width")
+    intermediate_size: int = _setting(256, "SwiGLU hidden width")
     # optimisation
-    steps: int = _setting(2000, "optimizer steps in the whole run")
+    steps: int = _setting(1200, "optimizer steps in the whole run")
     lr: float = _setting(3e-3, "peak learning rate")
     min_lr: float = _setting(3e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = _setting(100, "steps of linear warm-up from 0 to lr")
@@ -90,13 +90,13 @@ class TrainConfig:
     # bookkeeping: free to change when resuming
     out_dir: str = _setting("runs/tiny", "where checkpoints go; a run resumes from the latest one found here", resumable=True)
     log_every: int = _setting(10, "print the training loss every N steps", resumable=True)
-    eval_every: int = _setting(250, "evaluate and print a sample every N steps", resumable=True)
+    eval_every: int = _setting(200, "evaluate and print a sample every N steps", resumable=True)
     eval_batches: int = _setting(8, "batches of held-out text per evaluation", resumable=True)
-    checkpoint_every: int = _setting(250, "write a checkpoint every N steps (and at the end)", resumable=True)
+    checkpoint_every: int = _setting(200, "write a checkpoint every N steps (and at the end)", resumable=True)
     keep_checkpoints: int = _setting(2, "how many recent checkpoints to keep", resumable=True)
     sample_prompt: str = _setting("def ", "text the printed samples start from", resumable=True)
-    sample_tokens: int = _setting(200, "bytes per printed sample", resumable=True)
-    threads: int = _setting(0, "torch threads per process (0: PyTorch's default)", resumable=True)
+    sample_tokens: int = _setting(120, "bytes per printed sample (at most the context that is left)", resumable=True)
+    threads: int = _setting(1, "torch threads per process; a tiny model's matrices are too small to share, so use more processes (torchrun) for more cores; 0: PyTorch's default", resumable=True)
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
