@@ -184,6 +184,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(model.lora_config), indent=2) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)  # temporary files are created private; the adapter is ordinary output
+        (tmp / WEIGHTS_FILE).chmod(0o644)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

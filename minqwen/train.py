@@ -314,6 +314,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Qwen2ForCausalLM, optimiz
         record = {"step": state.step, "losses": state.losses, "evals": state.evals,
                   "train_config": dataclasses.asdict(config), "text_sha256": data_sha256}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        _make_readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -323,6 +324,13 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Qwen2ForCausalLM, optimiz
     for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:
         shutil.rmtree(old)
     return target
+
+
+def _make_readable(directory: Path) -> None:
+    """Temporary files and directories are created private; a finished checkpoint is ordinary output."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -136,3 +136,11 @@ def test_exercise_lora_merge(capsys) -> None:
     assert "not done yet" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="LoRA merge"):
         check_exercise_lora_merge(lambda weight, lora_A, lora_B, alpha, r: weight + lora_B @ lora_A)
+
+
+def test_saved_adapter_is_readable_by_others(tmp_path: Path) -> None:
+    model = random_model(tiny_config())
+    lora.apply(model)
+    lora.save(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()} == {0o644}

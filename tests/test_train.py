@@ -100,6 +100,7 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(tmp_path: Path
     assert sum(state.losses[-10:]) / 10 < sum(state.losses[:10]) / 10 - 1.0
     assert [e["step"] for e in state.evals] == [30, 60]
     assert [p.name for p in checkpoint_dirs(config.out_dir)] == ["step-000040", "step-000060"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in checkpoint_dirs(config.out_dir)[-1].iterdir())
 
     final = checkpoint_dirs(config.out_dir)[-1]
     model = minqwen.from_pretrained(final)
