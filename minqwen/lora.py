@@ -6,7 +6,7 @@ four copies of the model. LoRA freezes the model and learns, for a few chosen ma
 
     W x   becomes   W x + (alpha / r) * B (A x)      A: (r, in), B: (out, r), r << in, out
 
-Only A and B train: for r = 8 on q_proj and v_proj of every layer that is 1.1M parameters, 0.2 %
+Only A and B train: for r = 8 on q_proj and v_proj of every layer that is 541K parameters, 0.11 %
 of the model. B starts at zero, so the adapted model starts out *exactly* as the original; A starts
 random so gradients reach B. After training, ``W + (alpha / r) B A`` can be merged back into a
 plain ``nn.Linear`` (no cost at inference), or the adapters saved on their own (a few MB).
