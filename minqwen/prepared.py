@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .config import Qwen2Config
 from .hub import cache_dir, file_lock
-from .linear import use_cpu_linears, wants_column_major
+from .linear import use_cpu_linears
 from .model import Qwen2ForCausalLM
 from .quant import SCHEMES, Int8Linear, aligned, quantize, quantize_int8
 from .rope import RotaryEmbedding
@@ -51,18 +50,16 @@ def check_scheme(scheme: str | None) -> None:
 
 @dataclass(frozen=True)
 class Variant:
-    """What a prepared copy holds: the dtype of what is not quantised, the scheme, the layout."""
+    """What a prepared copy holds: the dtype of what is not quantised, and the scheme."""
 
     dtype: torch.dtype
     scheme: str | None = None
-    column_major: bool = False  # linear weights stored transposed, (in, out) (see minqwen.linear)
 
     @property
     def name(self) -> str:
-        """``"bfloat16"``, ``"bfloat16-columns"``, ``"int8-bfloat16"`` ..."""
+        """``"bfloat16"``, ``"int8-bfloat16"`` ..."""
         name = str(self.dtype).removeprefix("torch.")
-        name = f"{self.scheme}-{name}" if self.scheme else name
-        return f"{name}-columns" if self.column_major else name
+        return f"{self.scheme}-{name}" if self.scheme else name
 
 
 def source_files(path: Path) -> list[Path]:
@@ -107,12 +104,6 @@ def meta_model(config: Qwen2Config, scheme: str | None, attn_implementation: str
         return quantize(model, scheme) if scheme else model
 
 
-def column_major_names(model: Qwen2ForCausalLM) -> list[str]:
-    """The weights a column-major copy stores transposed: every plain linear's (not a tied head's)."""
-    names = [f"{name}.weight" for name, module in model.named_modules() if type(module) is nn.Linear]
-    return [n for n in names if not (n == "lm_head.weight" and model.config.tie_word_embeddings)]
-
-
 def prepare_state_dict(model: Qwen2ForCausalLM, source: dict[str, torch.Tensor], variant: Variant) -> dict[str, torch.Tensor]:
     """The source tensors as ``variant`` stores them for ``model`` (a :func:`meta_model`)."""
     prepared: dict[str, torch.Tensor] = {}
@@ -120,9 +111,6 @@ def prepare_state_dict(model: Qwen2ForCausalLM, source: dict[str, torch.Tensor],
         if isinstance(module, Int8Linear):
             weight, scale = quantize_int8(source[f"{name}.weight"])
             prepared[f"{name}.weight"], prepared[f"{name}.weight_scale"] = weight, scale
-    if variant.column_major:
-        for name in column_major_names(model):
-            prepared[name] = source[name].to(variant.dtype).t().contiguous()  # (in, out)
     for name, tensor in source.items():
         if name not in prepared:
             prepared[name] = tensor.to(variant.dtype).contiguous()
@@ -176,13 +164,13 @@ def load_prepared(
 
     A checkpoint already stored as wanted is mapped directly; otherwise the prepared copy is
     written on first use and mapped from then on. Linear layers become
-    :class:`~minqwen.linear.CPULinear`, with column-major bf16 weights where that is faster.
+    :class:`~minqwen.linear.CPULinear` (bf16 prefill in fp32 where bf16 GEMM is slow).
     """
     from .weights import load_hf_dir
 
     path = Path(path)
     check_scheme(scheme)
-    variant = Variant(dtype, scheme, column_major=scheme is None and wants_column_major(dtype))
+    variant = Variant(dtype, scheme)
     if variant == Variant(stored_dtype(read_checkpoint_dir(path))):
         model = load_hf_dir(path, dtype, attn_implementation)
     else:
@@ -198,9 +186,6 @@ def load_prepared_copy(path: Path, variant: Variant, attn_implementation: str) -
     if not target.is_file():
         write_prepared(target, model, path, variant)
     state_dict = read_safetensors(target)
-    if variant.column_major:
-        for name in column_major_names(model):
-            state_dict[name] = state_dict[name].t()  # (out, in) again, as a view: no copy
     if config.tie_word_embeddings:
         state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -14,7 +14,7 @@ from torch import nn
 import minqwen
 from minqwen import linear
 from minqwen.weights import load_hf_dir
-from minqwen.linear import CPULinear, gemm_dtype, is_column_major, parallel_matvec, use_cpu_linears, wants_column_major
+from minqwen.linear import CPULinear, gemm_dtype, use_cpu_linears
 
 
 @pytest.fixture(params=[False, True], ids=["avx2-like", "bf16-capable"])
@@ -109,64 +109,34 @@ def test_fast_bf16_model_close_to_hf(implementation, bf16_gemm):
         assert_close(model(input_ids), hf(input_ids).logits, torch.bfloat16)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [7, 64, 130])
-def test_parallel_matvec_equals_mv_exactly(rows, threads):
-    torch.manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float32):
-        matrix = torch.randn(40, rows).to(dtype).t()  # (rows, 40), column-major
-        vector = torch.randn(40).to(dtype)
-        torch.testing.assert_close(parallel_matvec(matrix, vector, threads), torch.mv(matrix, vector), rtol=0, atol=0)
+def test_use_cpu_linears_keeps_bf16_layout_and_the_tie(bf16_gemm):
+    model = random_model(tiny_config(tied=True)).to(torch.bfloat16)
+    weights = {name: p for name, p in model.named_parameters()}
+    use_cpu_linears(model)
+    assert isinstance(model.model.layers[0].mlp.up_proj, CPULinear)
+    assert all(p is weights[name] and p.is_contiguous() for name, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
 
 
-def test_wants_column_major_where_bf16_kernels_are_slow(bf16_gemm):
-    assert wants_column_major(torch.bfloat16) is not bf16_gemm
-    assert not wants_column_major(torch.float32)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_column_major_decode_rows_equal_the_plain_layer(rows, bias, monkeypatch):
-    monkeypatch.setattr(linear, "cpu_has_fast_bf16_gemm", lambda: False)
-    plain, _ = random_cpu_linear(bias, torch.bfloat16)
-    fast = use_cpu_linears(nn.Sequential(copy.deepcopy(plain)))[0]
-    assert is_column_major(fast.weight) and torch.equal(fast.weight, plain.weight)
-    x = torch.randn(1, rows, 48).to(torch.bfloat16)
-    with torch.no_grad():
-        got = fast(x)
-    b = None if plain.bias is None else plain.bias.float()
-    expected = F.linear(x.float(), plain.weight.float(), b)  # the exact product
-    assert got.shape == (1, rows, 40) and got.dtype == torch.bfloat16
-    assert_close(got, expected, torch.bfloat16)
-    assert_close(got, plain(x), torch.bfloat16)
-
-
-def test_column_major_layer_still_trains(monkeypatch):
-    monkeypatch.setattr(linear, "cpu_has_fast_bf16_gemm", lambda: False)
-    plain, _ = random_cpu_linear(True, torch.bfloat16)
-    fast = use_cpu_linears(nn.Sequential(copy.deepcopy(plain)))[0]
-    x = torch.randn(1, 48).to(torch.bfloat16).requires_grad_()
-    fast(x).float().sum().backward()  # grad enabled: the plain product, which autograd knows
+@pytest.mark.parametrize("rows", [1, 8])
+def test_cpu_linear_decode_rows_still_train(rows, bf16_gemm):
+    plain, fast = random_cpu_linear(True, torch.bfloat16)
+    x = torch.randn(rows, 48).to(torch.bfloat16).requires_grad_()
+    fast(x).float().sum().backward()
     assert fast.weight.grad is not None and x.grad.shape == x.shape
 
 
-def test_tied_head_keeps_the_embedding_layout(monkeypatch):
-    monkeypatch.setattr(linear, "cpu_has_fast_bf16_gemm", lambda: False)
-    model = use_cpu_linears(random_model(tiny_config(tied=True)).to(torch.bfloat16))
-    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.is_contiguous()
-    assert is_column_major(model.model.layers[0].mlp.up_proj.weight)
-
-
-def test_from_pretrained_bf16_maps_column_major_weights(tmp_path, monkeypatch, bf16_gemm):
+def test_from_pretrained_bf16_equals_the_plain_load(tmp_path, monkeypatch, bf16_gemm):
     monkeypatch.setenv(minqwen.hub.CACHE_ENV, str(tmp_path / "cache"))
     original = random_model(tiny_config(hidden_size=64, head_size=16))
     minqwen.save_pretrained(original, tmp_path / "tiny")
     model = minqwen.from_pretrained(tmp_path / "tiny", dtype=torch.bfloat16)
     variants = [p.name.split(".")[1] for p in (tmp_path / "cache" / "prepared").rglob("*.safetensors")]
-    assert variants == (["bfloat16"] if bf16_gemm else ["bfloat16-columns"])
-    assert is_column_major(model.model.layers[1].self_attn.q_proj.weight) is not bf16_gemm
+    assert variants == ["bfloat16"]
     assert set(model.state_dict()) == set(original.state_dict())
-    reference = use_cpu_linears(load_hf_dir(tmp_path / "tiny", torch.bfloat16), column_major=False)
+    reference = load_hf_dir(tmp_path / "tiny", torch.bfloat16)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
     ids = torch.randint(0, 257, (1, 12))
     with torch.no_grad():
         assert_close(model(ids), reference(ids), torch.bfloat16)
