@@ -43,10 +43,11 @@ def test_minqwen_save_loads_in_hf(tmp_path, tied):
     assert not list(tmp_path.glob("*.tmp")), "temporary files must be renamed or removed"
 
 
-def test_bf16_load(tmp_path):
+def test_bf16_load(tmp_path, monkeypatch):
+    monkeypatch.setenv(minqwen.hub.CACHE_ENV, str(tmp_path / "cache"))  # the prepared bf16 copy goes here
     model = random_model(tiny_config())
-    minqwen.save_pretrained(model, tmp_path)
-    loaded = minqwen.from_pretrained(tmp_path, dtype="bfloat16")
+    minqwen.save_pretrained(model, tmp_path / "tiny")
+    loaded = minqwen.from_pretrained(tmp_path / "tiny", dtype="bfloat16")
     assert loaded.lm_head.weight.dtype == torch.bfloat16
 
 
