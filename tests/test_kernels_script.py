@@ -1,0 +1,34 @@
+"""benchmarks/kernels.py measures the kernels decoding uses; check it times the right products."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_kernel_computes_the_same_product(monkeypatch):
+    kernels = load_script()
+    monkeypatch.setattr(kernels, "BYTES_PER_SHAPE", 3 * 4 * 48 * 64)  # three matrices of (48, 64)
+    products = kernels.kernels_for(48, 64)
+    assert set(products) == {"fp32", "bf16", "int8 (bf16 act.)"}
+    outputs = {name: [p().float() for p in fns] for name, (fns, _) in products.items()}
+    assert all(len(outs) == 3 and outs[0].shape == (1, 48) for outs in outputs.values())
+    for name in ("bf16", "int8 (bf16 act.)"):
+        for ours, reference in zip(outputs[name], outputs["fp32"]):
+            assert (ours - reference).abs().max() <= 0.05 * reference.abs().max() + 1e-3, name
+    assert products["fp32"][1] == 4 * 3 * 48 * 64 and products["int8 (bf16 act.)"][1] == 3 * 48 * 64
+
+
+def test_rate_is_bytes_over_seconds():
+    kernels = load_script()
+    rate = kernels.gigabytes_per_second([lambda: torch.ones(1000).sum()], weight_bytes=10**9)
+    assert rate > 0
