@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .weights import read_safetensors
+from .weights import atomic_directory, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -177,21 +175,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (the adapters only), atomically."""
     if not adapted_modules(model):
         raise ValueError("the model has no LoRA adapters to save (call lora.apply first; merge() removes them)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(Path(path)) as tmp:
         tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(model.lora_config), indent=2) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # temporary files are created private; the adapter is ordinary output
-        (tmp / WEIGHTS_FILE).chmod(0o644)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:

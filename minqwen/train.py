@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from .generate import generate
 from .loss import lm_loss
 from .model import Qwen2ForCausalLM
 from .tokenizer import QWEN2_PATTERN, Tokenizer
-from .weights import check_state_dict, read_safetensors, save_pretrained
+from .weights import atomic_directory, check_state_dict, read_safetensors, save_pretrained
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "python_stdlib.txt"
 STATE_FILE = "train_state.json"  # written last: a checkpoint directory without it is incomplete
@@ -304,33 +303,17 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Qwen2ForCausalLM, optimiz
                     state: TrainState, config: TrainConfig, data_sha256: str) -> Path:
     """Write ``out_dir/step-NNNNNN`` atomically: built under a temporary name, then renamed."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{CHECKPOINT_PREFIX}{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=out_dir))
-    try:
+    with atomic_directory(target) as tmp:
         save_pretrained(model, tmp)
         (tmp / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False), encoding="utf-8")
         save_file(optimizer_tensors(model, optimizer), str(tmp / OPTIMIZER_FILE))
         record = {"step": state.step, "losses": state.losses, "evals": state.evals,
                   "train_config": dataclasses.asdict(config), "text_sha256": data_sha256}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        _make_readable(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:
         shutil.rmtree(old)
     return target
-
-
-def _make_readable(directory: Path) -> None:
-    """Temporary files and directories are created private; a finished checkpoint is ordinary output."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o644)
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -124,3 +124,21 @@ def test_loaded_weights_are_memory_mapped_views(tmp_path):
     file_distance = header[b]["data_offsets"][0] - header[a]["data_offsets"][0]
     # Both tensors point into one mapping of the file: no copy was made.
     assert tensors[b].data_ptr() - tensors[a].data_ptr() == file_distance
+
+
+def test_atomic_directory_replaces_the_target_or_leaves_nothing(tmp_path):
+    from minqwen.weights import atomic_directory
+
+    target = tmp_path / "out" / "step-1"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first" and (target / "a.txt").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("half-written")
+            raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "first"  # the old directory is untouched
+    assert [p.name for p in target.parent.iterdir()] == ["step-1"]  # and no temporary left behind
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
