@@ -9,6 +9,8 @@ in place, so decoding never re-copies the cache.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import Qwen2Config
@@ -53,6 +55,26 @@ class KVCache:
     def reset(self) -> None:
         """Forget everything (the buffers are reused)."""
         self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens (a prefix shared with the next prompt, say).
+
+        The buffers stay; the positions after ``length`` are overwritten by the next forward.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache holding {self.length} tokens to {length}")
+        self.length = length
+
+    def resized(self, max_seq_len: int) -> KVCache:
+        """A new cache with room for ``max_seq_len`` tokens, holding a copy of this one's tokens."""
+        if max_seq_len < self.length:
+            raise ValueError(f"a cache for {max_seq_len} tokens cannot hold the {self.length} this one holds")
+        resized = copy.copy(self)
+        shape = (*self.keys.shape[:3], max_seq_len, self.keys.shape[4])
+        resized.keys, resized.values = self.keys.new_zeros(shape), self.values.new_zeros(shape)
+        resized.keys[..., : self.length, :] = self.keys[..., : self.length, :]
+        resized.values[..., : self.length, :] = self.values[..., : self.length, :]
+        return resized
 
     def nbytes(self) -> int:
         """Memory held by the buffers."""

@@ -183,20 +183,12 @@ class Chat:
         token. The cache grows (copying what it holds) when a turn needs more room.
         """
         keep = min(common_prefix_length(self._cached_ids, prompt), len(prompt) - 1)
-        if self._cache is None or self._cache.max_seq_len < needed:
-            self._cache = self.grown_cache(keep, needed)
-        self._cache.length = keep  # forget what lies after the shared prefix
+        if self._cache is None:
+            self._cache = self.model.make_cache(1, min(needed, self.context_length))
+        self._cache.truncate(keep)  # forget what lies after the shared prefix
+        if self._cache.max_seq_len < needed:  # grow by doubling, so growing is rare
+            self._cache = self._cache.resized(min(max(needed, 2 * self._cache.max_seq_len), self.context_length))
         return self._cache
-
-    def grown_cache(self, keep: int, needed: int) -> KVCache:
-        """A new cache for at least ``needed`` tokens (doubling, so growing is rare); copy ``keep``."""
-        old_capacity = self._cache.max_seq_len if self._cache is not None else 0
-        capacity = min(max(needed, 2 * old_capacity), self.context_length)
-        cache = self.model.make_cache(1, capacity)
-        if self._cache is not None and keep:
-            cache.keys[..., :keep, :] = self._cache.keys[..., :keep, :]
-            cache.values[..., :keep, :] = self._cache.values[..., :keep, :]
-        return cache
 
 
 def check_context_length(model: Qwen2ForCausalLM, requested: int | None) -> int:

@@ -39,3 +39,31 @@ def test_bad_input_ids_are_rejected():
         model(torch.tensor([[1, 300]]))
     with pytest.raises(ValueError, match="shape"):
         model(torch.tensor([1, 2]))
+
+
+def test_truncate_then_continue_equals_full_forward_of_the_new_sequence():
+    model = random_model(tiny_config(4, 2))
+    first, second = torch.randint(0, 257, (2, 1, 14), generator=torch.Generator().manual_seed(1))
+    second[:, :6] = first[:, :6]  # the two sequences share a prefix of 6 tokens
+    with torch.no_grad():
+        cache = model.make_cache(batch_size=1, max_seq_len=14)
+        model(first, cache=cache)
+        cache.truncate(6)
+        rest = model(second[:, 6:], cache=cache)
+        assert_close(rest, model(second)[:, 6:])
+    with pytest.raises(ValueError, match="holding 14 tokens to 15"):
+        cache.truncate(15)
+
+
+def test_resized_cache_holds_a_copy_and_has_more_room():
+    model = random_model(tiny_config(4, 1))
+    ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        small = model.make_cache(batch_size=1, max_seq_len=8)
+        model(ids[:, :8], cache=small)
+        big = small.resized(12)
+        assert (big.max_seq_len, big.length, small.max_seq_len) == (12, 8, 8)
+        assert_close(model(ids[:, 8:], cache=big), model(ids)[:, 8:])
+        assert small.length == 8  # the original is untouched
+    with pytest.raises(ValueError, match="cannot hold the 8"):
+        small.resized(7)
