@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import minqwen
@@ -84,3 +85,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 __all__ = ["TOLERANCE", "tiny_config", "randomize_", "random_model", "tiny_model_with_qwen_vocab", "hf_config", "hf_twin", "assert_close", "minqwen"]
+
+
+def assert_exercise_check(check, right, wrong, capsys, *inputs, match: str | None = None) -> None:
+    """An exercise check accepts ``right``, answers an unfinished stub with "not done yet", and
+    raises an AssertionError (with ``match`` in it, when given) for ``wrong``. ``inputs`` follow the answer."""
+
+    def stub(*args):
+        raise NotImplementedError
+
+    assert check(right, *inputs) is True
+    assert "correct!" in capsys.readouterr().out
+    assert check(stub, *inputs) is False
+    out = capsys.readouterr().out
+    assert "not done yet" in out and "correct!" not in out
+    with pytest.raises(AssertionError, match=match):
+        check(wrong, *inputs)

@@ -6,6 +6,7 @@ The right answers here are the notebooks' solutions, written independently of mi
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_exercise_check
 
 from minqwen import exercises
 
@@ -165,10 +166,7 @@ def top_p_not_renormalised(probs, p):
 
 @pytest.mark.parametrize("wrong", [top_p_without_the_crossing_token, top_p_not_renormalised])
 def test_top_p_exercise(wrong, capsys):
-    assert exercises.check_exercise_top_p(top_p_distribution) is True
-    assert exercises.check_exercise_top_p(stub) is False
-    with pytest.raises(AssertionError, match="top-p"):
-        exercises.check_exercise_top_p(wrong)
+    assert_exercise_check(exercises.check_exercise_top_p, top_p_distribution, wrong, capsys, match="top-p")
 
 
 # ------------------------------------------------------------------ 11 performance: int8 rows
@@ -189,7 +187,4 @@ def quantize_rows_truncating(weight):
 
 @pytest.mark.parametrize("wrong", [quantize_per_tensor, quantize_rows_truncating])
 def test_int8_rows_exercise(wrong, capsys):
-    assert exercises.check_exercise_int8_rows(quantize_rows) is True
-    assert exercises.check_exercise_int8_rows(stub) is False
-    with pytest.raises(AssertionError, match="int8 per-row"):
-        exercises.check_exercise_int8_rows(wrong)
+    assert_exercise_check(exercises.check_exercise_int8_rows, quantize_rows, wrong, capsys, match="int8 per-row")

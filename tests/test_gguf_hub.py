@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from gguf_fixtures import q8_roundtrip, write_tiny_gguf
-from helpers import assert_close, random_model, tiny_config
+from helpers import assert_close, assert_exercise_check, random_model, tiny_config
 
 import minqwen
 from minqwen import hub
@@ -60,14 +60,7 @@ def test_q8_0_exercise_check(tmp_path, capsys):
         blocks = raw.reshape(-1, 34)
         return (blocks[:, :2].copy().view(np.float16).astype(np.float32) * blocks[:, 2:].copy().view(np.int8)).ravel()
 
-    def not_done(raw):
-        raise NotImplementedError
-
-    assert check_exercise_q8_0(right, tensor)
-    assert not check_exercise_q8_0(not_done, tensor)
-    assert "not done yet" in capsys.readouterr().out
-    with pytest.raises(AssertionError):
-        check_exercise_q8_0(lambda raw: right(raw) * 1.01, tensor)
+    assert_exercise_check(check_exercise_q8_0, right, lambda raw: right(raw) * 1.01, capsys, tensor)
 
 
 def test_gguf_of_another_architecture_is_named(tmp_path, cache):

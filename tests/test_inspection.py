@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, hf_twin, random_model, tiny_config
+from helpers import assert_close, assert_exercise_check, hf_twin, random_model, tiny_config
 
 from minqwen.exercises import check_exercise_previous_token_score
 from minqwen.inspection import at_positions, logit_lens, patching, previous_token_score, recording, trace
@@ -146,11 +146,7 @@ def test_exercise_previous_token_score(capsys) -> None:
         seq = probs.shape[-1]
         return probs[..., torch.arange(1, seq), torch.arange(seq - 1)].mean(dim=-1)
 
-    def stub(probs):
-        raise NotImplementedError
+    def wrong(probs):  # one attention weight, not the previous-token mean
+        return probs[..., 0, 0]
 
-    assert check_exercise_previous_token_score(answer)
-    assert not check_exercise_previous_token_score(stub)
-    assert "not done yet" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="previous-token score"):
-        check_exercise_previous_token_score(lambda probs: probs[..., 0, 0])
+    assert_exercise_check(check_exercise_previous_token_score, answer, wrong, capsys, match="previous-token score")

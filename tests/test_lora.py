@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_model, tiny_config
+from helpers import assert_exercise_check, random_model, tiny_config
 
 from minqwen import lora
 from minqwen.exercises import check_exercise_lora_merge
@@ -128,14 +128,10 @@ def test_exercise_lora_merge(capsys) -> None:
     def answer(weight, lora_A, lora_B, alpha, r):  # the notebook's solution, written independently
         return weight + (alpha / r) * lora_B @ lora_A
 
-    def stub(*args):
-        raise NotImplementedError
+    def wrong(weight, lora_A, lora_B, alpha, r):  # forgets the alpha / r scale
+        return weight + lora_B @ lora_A
 
-    assert check_exercise_lora_merge(answer)
-    assert not check_exercise_lora_merge(stub)
-    assert "not done yet" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="LoRA merge"):
-        check_exercise_lora_merge(lambda weight, lora_A, lora_B, alpha, r: weight + lora_B @ lora_A)
+    assert_exercise_check(check_exercise_lora_merge, answer, wrong, capsys, match="LoRA merge")
 
 
 def test_saved_adapter_is_readable_by_others(tmp_path: Path) -> None:
