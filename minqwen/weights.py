@@ -12,16 +12,13 @@ import json
 import math
 import mmap
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from .config import Qwen2Config
+from .loading.files import atomic_directory, atomic_file  # noqa: F401 (atomic_directory: public)
 from .model import Qwen2ForCausalLM
 from .rope import RotaryEmbedding
 
@@ -213,34 +210,5 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | Path) -> None:
 
 def _atomic_write(target: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename to ``target``; on any error remove the temporary file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target) as tmp:
         write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Build a directory under a temporary name beside ``target``, then rename it to ``target``.
-
-    Yields the temporary directory to fill. On success it replaces ``target`` (an older one is
-    removed) and is made readable like any output (temporary directories are created private);
-    on any error it is deleted, so ``target`` is never left half-written.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

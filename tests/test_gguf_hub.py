@@ -183,3 +183,57 @@ def test_concurrent_fetches_wait_on_the_lock(tmp_path, cache):
     downloads = sorted(queue.get(timeout=5) for _ in workers)
     assert downloads == [0, 2], "one process downloads both parts, the other waits and reuses the file"
     assert (cache / "gguf" / "fake.gguf").read_bytes() == payload
+
+
+# --------------------------------------------------------------------------- the cache's files
+BUILD_THEN_HANG = """
+import sys, time
+from pathlib import Path
+from minqwen.loading.files import build_directory
+
+def build(out):
+    (out / "half.bin").write_bytes(b"x" * 1000)
+    print("building", flush=True)
+    time.sleep(120)
+
+build_directory(build, Path(sys.argv[1]))
+"""
+
+
+def test_a_build_killed_with_sigkill_is_cleaned_by_the_next_build(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache dir ü 中文"  # spaces and non-ASCII in the cache path
+    monkeypatch.setenv(hub.CACHE_ENV, str(cache))
+    target = cache / "hf" / "tiny model é.v1"
+    env = {**os.environ, hub.CACHE_ENV: str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    builder = subprocess.Popen([sys.executable, "-c", BUILD_THEN_HANG, str(target)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        leftover = [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+        assert len(leftover) == 1 and (leftover[0] / "half.bin").is_file()
+    finally:
+        builder.kill()  # SIGKILL: no finally clause, no atexit handler runs in the builder
+        builder.wait(30)
+    assert leftover[0].is_dir(), "a killed process leaves its temporary directory behind"
+    from minqwen.loading.files import build_directory
+
+    build_directory(lambda out: (out / "done.txt").write_text("ok"), target)
+    assert (target / "done.txt").read_text() == "ok"
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name], "the dead builder's temporary is gone"
+
+
+def test_a_live_builders_temporary_is_kept(tmp_path):
+    from minqwen.loading.files import remove_stale_temporaries, temporary_path
+
+    target = tmp_path / "out"
+    mine = temporary_path(target)  # named after this (live) process
+    mine.mkdir()
+    dead = tmp_path / f".out.{2**22 + 12345}@{mine.name.split('@')[1]}"  # a pid beyond pid_max: no such process
+    dead.mkdir()
+    unrelated = tmp_path / ".out.notes.tmp"
+    unrelated.mkdir()
+    assert remove_stale_temporaries(target) == [dead]
+    assert mine.is_dir() and unrelated.is_dir() and not dead.exists()

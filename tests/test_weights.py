@@ -142,3 +142,25 @@ def test_atomic_directory_replaces_the_target_or_leaves_nothing(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_atomic_file_writes_all_or_nothing(tmp_path):
+    from minqwen.loading.files import atomic_file
+
+    target = tmp_path / "dir with space ü" / "results.json"
+    with atomic_file(target) as tmp:
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "first" and [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+def test_checkpoint_paths_with_spaces_and_non_ascii(tmp_path):
+    model = random_model(tiny_config())
+    path = tmp_path / "my checkpoints" / "qwen 小型 é"
+    minqwen.save_pretrained(model, path)
+    with torch.no_grad():
+        assert_close(minqwen.from_pretrained(path)(INPUT_IDS), model(INPUT_IDS))

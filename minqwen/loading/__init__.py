@@ -1,0 +1,1 @@
+"""Loading checkpoints: where files come from, how they are cached and read."""
