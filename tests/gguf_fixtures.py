@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from minqwen import Qwen2ForCausalLM
-from minqwen.gguf_file import BLOCK_NAMES, TOP_LEVEL_NAMES
+from minqwen.loading.gguf import BLOCK_NAMES, TOP_LEVEL_NAMES
 
 HF_TO_GGUF = {hf: gguf for gguf, hf in {**TOP_LEVEL_NAMES, **BLOCK_NAMES}.items()}
 

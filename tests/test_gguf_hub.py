@@ -13,8 +13,8 @@ from helpers import assert_close, assert_exercise_check, random_model, tiny_conf
 
 import minqwen
 from minqwen import hub
-from minqwen.gguf_file import hf_tensor_name
-from minqwen.weights import build_model
+from minqwen.loading.gguf import hf_tensor_name
+from minqwen.loading.weights import build_model
 
 INPUT_IDS = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(4))
 
@@ -51,7 +51,7 @@ def test_q8_0_exercise_check(tmp_path, capsys):
     import numpy as np
 
     from minqwen.exercises import check_exercise_q8_0
-    from minqwen.gguf_file import open_gguf
+    from minqwen.loading.gguf import open_gguf
 
     write_tiny_gguf(random_model(tiny_config(head_size=16)), tmp_path / "tiny.gguf")
     tensor = next(t for t in open_gguf(tmp_path / "tiny.gguf").tensors if t.tensor_type.name == "Q8_0")

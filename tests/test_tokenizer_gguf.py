@@ -7,7 +7,8 @@ import json
 import pytest
 from gguf_fixtures import byte_level_vocab
 
-from minqwen.tokenizer import QWEN2_PATTERN, tokenizer_files_from_gguf
+from minqwen.bpe import QWEN2_PATTERN
+from minqwen.loading.gguf import tokenizer_files_from_gguf
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 

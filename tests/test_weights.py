@@ -8,7 +8,7 @@ from helpers import assert_close, hf_twin, random_model, tiny_config
 from safetensors.torch import save_file
 
 import minqwen
-from minqwen.weights import read_safetensors
+from minqwen.loading.weights import read_safetensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is in requirements-dev.txt")
 
@@ -127,7 +127,7 @@ def test_loaded_weights_are_memory_mapped_views(tmp_path):
 
 
 def test_atomic_directory_replaces_the_target_or_leaves_nothing(tmp_path):
-    from minqwen.weights import atomic_directory
+    from minqwen.loading.files import atomic_directory
 
     target = tmp_path / "out" / "step-1"
     with atomic_directory(target) as tmp:
