@@ -164,3 +164,21 @@ def test_checkpoint_paths_with_spaces_and_non_ascii(tmp_path):
     minqwen.save_pretrained(model, path)
     with torch.no_grad():
         assert_close(minqwen.from_pretrained(path)(INPUT_IDS), model(INPUT_IDS))
+
+
+def test_from_pretrained_puts_the_model_on_the_device(tmp_path):
+    model = random_model(tiny_config())
+    minqwen.save_pretrained(model, tmp_path)
+    loaded = minqwen.from_pretrained(tmp_path, device=torch.device("cpu"))
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="device must be"):
+        minqwen.from_pretrained(tmp_path, device="gpu")
+    # "meta" exists everywhere and has no int8 kernel: the int8 refusal, before anything is read
+    with pytest.raises(ValueError, match="quantize='int8' needs the int8 kernel, which device 'meta' does not have"):
+        minqwen.from_pretrained(tmp_path / "absent", quantize="int8", device="meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the error is for machines without it")
+def test_an_absent_accelerator_is_named(tmp_path):
+    with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+        minqwen.from_pretrained(tmp_path, device="cuda")
