@@ -133,6 +133,8 @@ class Tokenizer:
         ``name_or_path`` (a checkpoint name, a ``.gguf`` file, a hub repo id)."""
         directory = tokenizer_directory(name_or_path)
         config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+        if "chat_template" not in config and (directory / "chat_template.jinja").is_file():  # where transformers 5 saves it
+            config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if (directory / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(directory / "tokenizer.json", config, backend)
         if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():

@@ -11,6 +11,7 @@ from minqwen.bpe import QWEN2_PATTERN
 from minqwen.loading.gguf import tokenizer_files_from_gguf
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+TEMPLATE_WITH_SYSTEM = "{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are tiny.<|im_end|>\\n' }}{%- endif %}" + TEMPLATE
 
 
 def tiny_metadata() -> dict:
@@ -121,7 +122,9 @@ def test_a_tokenizer_saved_by_transformers_loads(tiny_gguf, tmp_path):
     from minqwen import Tokenizer
 
     saved = tmp_path / "saved by transformers"
-    AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).save_pretrained(saved)
+    written = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    written.chat_template = TEMPLATE_WITH_SYSTEM  # transformers 5 writes it to chat_template.jinja
+    written.save_pretrained(saved)
     vocab = json.loads((saved / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     assert vocab["<|endoftext|>"] == 256, "transformers lists the special token in the vocabulary too"
     reference = AutoTokenizer.from_pretrained(saved)
@@ -129,6 +132,9 @@ def test_a_tokenizer_saved_by_transformers_loads(tiny_gguf, tmp_path):
     text = " the theme<|endoftext|> héllo"
     assert ours.encode(text, allowed_special="all") == reference(text)["input_ids"]
     assert ours.decode(ours.encode(text, allowed_special="all")) == text
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert chat == reference.apply_chat_template(messages, tokenize=False) and chat.startswith("<|im_start|>system\nYou are tiny.")
 
 
 def test_one_name_with_two_ids_is_still_an_error():
