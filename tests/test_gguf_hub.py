@@ -46,6 +46,9 @@ def test_tiny_gguf_loads_like_its_dequantised_weights(tmp_path, cache, tied):
     assert loaded.config.tie_word_embeddings == tied
     converted = list((cache / "hf").iterdir())
     assert len(converted) == 1 and minqwen.Tokenizer.from_pretrained(converted[0]).encode(" the") == [257, 258]
+    stamp = (converted[0] / "model.safetensors").stat().st_mtime_ns
+    minqwen.from_pretrained(tmp_path / "tiny.gguf")  # converted once: the second load reads the cache
+    assert (converted[0] / "model.safetensors").stat().st_mtime_ns == stamp and len(list((cache / "hf").iterdir())) == 1
 
 
 def test_q8_0_exercise_check(tmp_path, capsys):
