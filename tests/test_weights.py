@@ -182,3 +182,26 @@ def test_from_pretrained_puts_the_model_on_the_device(tmp_path):
 def test_an_absent_accelerator_is_named(tmp_path):
     with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
         minqwen.from_pretrained(tmp_path, device="cuda")
+
+
+def test_old_loading_paths_warn_and_forward_and_import_minqwen_is_silent():
+    import subprocess
+    import sys
+
+    quiet = "import minqwen, minqwen.hub; assert minqwen.hub is minqwen.loading.hub"
+    subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", quiet], check=True)
+    from minqwen import gguf_file, loading, prepared, tokenizer, weights
+
+    moved = [
+        (weights, "from_pretrained", loading.from_pretrained),
+        (weights, "atomic_directory", loading.files.atomic_directory),
+        (weights, "read_safetensors", loading.weights.read_safetensors),
+        (prepared, "save_aligned", loading.prepared.save_aligned),
+        (gguf_file, "open_gguf", loading.gguf.open_gguf),
+        (tokenizer, "tokenizer_files_from_gguf", loading.gguf.tokenizer_files_from_gguf),
+    ]
+    for old, name, new in moved:
+        with pytest.warns(DeprecationWarning, match=f"{old.__name__}.{name} has moved to"):
+            assert getattr(old, name) is new
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        weights.nothing
