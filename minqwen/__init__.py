@@ -4,16 +4,15 @@
 >>> model = minqwen.from_pretrained("path/to/Qwen2-0.5B")  # doctest: +SKIP
 """
 
-from . import hub
 from .cache import KVCache
 from .chat import Chat
 from .config import Qwen2Config
 from .generate import generate, stream
+from .loading import from_pretrained, hub, save_pretrained
 from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .quant import quantize
 from .tokenizer import Tokenizer
-from .weights import from_pretrained, save_pretrained
 
 __all__ = [
     "hub",

@@ -13,18 +13,25 @@ with no unknown token. The steps (GPT-2's recipe, which Qwen2 keeps):
 
 :class:`PythonBPE` does exactly that, readably; :class:`TiktokenBPE` hands the same ranks and
 pattern to tiktoken's Rust core, which gives the same ids when the merges are "rank ordered"
-(:func:`tiktoken_compatible`). :func:`learn_merges` trains merges on a small text.
+(:func:`tiktoken_compatible`). :func:`learn_merges` trains merges on a small text, and
+:func:`byte_level_tokenizer_json` writes a vocabulary as HF's ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import regex
 
 Pair = tuple[str, str]
+
+# Qwen2's pre-tokeniser: contractions, letter runs (with one leading non-letter), single digits,
+# punctuation runs, newlines, and whitespace -- a space stays attached to the word after it.
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 @functools.cache
@@ -197,3 +204,48 @@ def learn_merges(pieces: Iterable[str], num_merges: int) -> list[Pair]:
         merges.append(best)
         words = [merge_pair(symbols, best) if len(symbols) > 1 else symbols for symbols in words]
     return merges
+
+
+def byte_level_tokenizer_json(
+    vocab: Mapping[str, int],
+    merges: Sequence[Pair],
+    added_tokens: Iterable[tuple[int, str, bool]] = (),
+    pattern: str = QWEN2_PATTERN,
+    nfc: bool = True,
+) -> dict[str, Any]:
+    """HF's ``tokenizer.json`` for a byte-level BPE with Qwen2's pipeline, as Qwen's official file has it.
+
+    NFC (when ``nfc``), the regex split, then ``ByteLevel`` (bytes to symbols only); the decoder
+    maps symbols back to bytes. ``added_tokens`` are (id, content, special) triples, matched whole.
+    HF ``tokenizers``, transformers and :class:`minqwen.Tokenizer` all load the result.
+    """
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    added = [
+        {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": special}
+        for i, content, special in added_tokens
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "NFC"} if nfc else None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, byte_level],
+        },
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": dict(vocab),
+            "merges": [list(pair) for pair in merges],
+        },
+    }

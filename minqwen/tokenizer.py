@@ -1,14 +1,14 @@
-"""Qwen2's tokenizer: where its files come from, and the ``Tokenizer`` that encodes and decodes.
+"""Qwen2's tokenizer: the ``Tokenizer`` that reads HF tokenizer files, encodes and decodes.
 
-A Qwen2 checkpoint ships its tokenizer either as HF files (``tokenizer.json``, or ``vocab.json`` +
-``merges.txt``, plus ``tokenizer_config.json``) or inside a GGUF file as ``tokenizer.ggml.*``
-metadata. :func:`tokenizer_files_from_gguf` turns the GGUF form into the HF form, so everything
-downstream (minqwen, HF ``tokenizers``, ``transformers.AutoTokenizer``) reads one format.
+A Qwen2 checkpoint ships its tokenizer as HF files (``tokenizer.json``, or ``vocab.json`` +
+``merges.txt``, plus ``tokenizer_config.json``); a GGUF file's ``tokenizer.ggml.*`` metadata is
+turned into those files by :mod:`minqwen.loading.gguf`, so everything downstream (minqwen, HF
+``tokenizers``, ``transformers.AutoTokenizer``) reads one format.
 
 :class:`Tokenizer` loads those files and wraps the byte-level BPE of :mod:`minqwen.bpe` (from
 scratch, or tiktoken's Rust core on the same ranks) with what a model needs around it: NFC
 normalisation, special tokens that user text can never inject, decoding that never raises,
-a streaming decoder, and the ChatML chat template.
+a streaming decoder, and the ChatML chat template (:mod:`minqwen.chatml`).
 """
 
 from __future__ import annotations
@@ -25,22 +25,21 @@ from typing import Any, Collection, Iterable, Literal, Mapping, Sequence
 
 import regex
 
-from .bpe import Pair, PythonBPE, TiktokenBPE, bytes_to_unicode, check_vocabulary, learn_merges, tiktoken_compatible, token_to_bytes
-
-# Qwen2's pre-tokeniser: contractions, letter runs (with one leading non-letter), single digits,
-# punctuation runs, newlines, and whitespace -- a space stays attached to the word after it.
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+from .bpe import (
+    QWEN2_PATTERN,
+    Pair,
+    PythonBPE,
+    TiktokenBPE,
+    bytes_to_unicode,
+    check_vocabulary,
+    learn_merges,
+    tiktoken_compatible,
+    token_to_bytes,
 )
+from .chatml import chat_segments, default_system_prompt
 
 Backend = Literal["auto", "tiktoken", "python"]
 AllowedSpecial = Literal["all"] | Collection[str]
-
-# The Qwen2.5 template's tool-calling branches are not reproduced: these roles are.
-CHAT_ROLES = ("system", "user", "assistant")
-# A default system prompt written into a ChatML template as a literal, e.g. Qwen2.5's
-# '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n'
-DEFAULT_SYSTEM_IN_TEMPLATE = re.compile(r"<\|im_start\|>system\\n([^'\"{}]+?)<\|im_end\|>")
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,8 @@ class Tokenizer:
         chat_template: str | None = None,
         backend: Backend = "auto",
     ) -> None:
-        self.vocab = dict(vocab)
+        added_tokens = list(added_tokens)
+        self.vocab = _vocab_without_added_tokens(dict(vocab), added_tokens)
         self.merges = [tuple(pair) for pair in merges]
         check_vocabulary(self.vocab, self.merges)
         self.added_tokens = {token.content: token for token in added_tokens}
@@ -129,10 +129,12 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, backend: Backend = "auto") -> Tokenizer:
         """Load from a directory with ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``),
-        else from whatever :func:`minqwen.hub.resolve` makes of ``name_or_path`` (a checkpoint
-        name, a ``.gguf`` file, a hub repo id)."""
+        else from the tokenizer files :func:`minqwen.loading.hub.resolve_tokenizer` makes of
+        ``name_or_path`` (a checkpoint name, a ``.gguf`` file, a hub repo id)."""
         directory = tokenizer_directory(name_or_path)
         config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+        if "chat_template" not in config and (directory / "chat_template.jinja").is_file():  # where transformers 5 saves it
+            config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
         if (directory / "tokenizer.json").is_file():
             return cls.from_tokenizer_json(directory / "tokenizer.json", config, backend)
         if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
@@ -290,12 +292,7 @@ class Tokenizer:
 
     def default_system_prompt(self) -> str | None:
         """The system prompt the checkpoint's template inserts when the messages have none."""
-        if self.chat_template is None:
-            return None
-        if "<|im_start|>" not in self.chat_template:
-            raise ValueError("this checkpoint's chat template is not ChatML; minqwen reproduces ChatML templates only")
-        found = DEFAULT_SYSTEM_IN_TEMPLATE.search(self.chat_template)
-        return found.group(1).replace("\\n", "\n") if found else None
+        return default_system_prompt(self.chat_template)
 
     def _chat_token_id(self, token: str) -> int:
         if token not in self.added_tokens:
@@ -327,54 +324,31 @@ class StreamDecoder:
         return text
 
 
-def chat_segments(
-    messages: Sequence[Mapping[str, str]], default_system: str | None, add_generation_prompt: bool
-) -> list[tuple[str, bool]]:
-    """ChatML as (text, is_special_token) segments, adjacent texts joined (HF encodes them together)."""
-    _check_messages(messages)
-    if messages[0]["role"] != "system" and default_system is not None:
-        messages = [{"role": "system", "content": default_system}, *messages]
-    pieces: list[tuple[str, bool]] = []
-    for message in messages:
-        pieces += [("<|im_start|>", True), (f"{message['role']}\n{message['content']}", False), ("<|im_end|>", True), ("\n", False)]
-    if add_generation_prompt:
-        pieces += [("<|im_start|>", True), ("assistant\n", False)]
-    segments: list[tuple[str, bool]] = []
-    for text, is_special in pieces:
-        if segments and not is_special and not segments[-1][1]:
-            segments[-1] = (segments[-1][0] + text, False)
-        else:
-            segments.append((text, is_special))
-    return segments
-
-
-def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
-    """``ValueError`` naming the first message that is not {"role": known role, "content": str}."""
-    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
-    if not messages:
-        raise ValueError("messages is empty: a chat prompt needs at least one message")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"message {i} is a {type(message).__name__}, not a dict with 'role' and 'content'")
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            raise ValueError(f"message {i} has keys {extra} that minqwen's ChatML does not support (only 'role' and 'content')")
-        if message.get("role") not in CHAT_ROLES:
-            raise ValueError(f"message {i} has role {message.get('role')!r}; expected one of {list(CHAT_ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} content must be a str, got {type(message.get('content')).__name__}")
-
-
 # ---------------------------------------------------------------------------- helpers
 def tokenizer_directory(name_or_path: str | os.PathLike) -> Path:
-    """``name_or_path`` itself when it is a directory, else :func:`minqwen.hub.resolve`'s answer."""
+    """``name_or_path`` itself when it is a directory, else :func:`minqwen.loading.hub.resolve_tokenizer`'s
+    answer (a cached directory with only the tokenizer files, for a name or a ``.gguf``)."""
     directory = Path(name_or_path).expanduser()
     if directory.is_dir():
         return directory
-    from .hub import resolve  # fetching and GGUF conversion only when needed
+    from .loading.hub import resolve_tokenizer  # fetching only when needed; loading never imports this module
 
-    return resolve(name_or_path)
+    return resolve_tokenizer(name_or_path)
+
+
+def _vocab_without_added_tokens(vocab: dict[str, int], added_tokens: list[AddedToken]) -> dict[str, int]:
+    """The BPE vocabulary without the added tokens it also lists, at the same ids.
+
+    transformers' ``save_pretrained`` writes such files (its vocab repeats ``<|endoftext|>`` ...),
+    and HF ``tokenizers`` loads them. Only a real conflict is an error: an added token with two
+    ids. (One id with two names is caught when the id tables are built.)
+    """
+    ids: dict[str, int] = {}
+    for token in added_tokens:
+        first = ids.setdefault(token.content, vocab.get(token.content, token.id))
+        if first != token.id:
+            raise ValueError(f"token {token.content!r} has two ids: {first} and {token.id}")
+    return {token: token_id for token, token_id in vocab.items() if token not in ids}
 
 
 def _check_encodable(text: str) -> None:
@@ -468,138 +442,11 @@ def train_bpe(text: str, vocab_size: int, pattern: str = QWEN2_PATTERN) -> Token
     return Tokenizer(vocab, merges, pattern=pattern, backend="python")
 
 
-# GGUF token types (llama.cpp's ``LLAMA_TOKEN_TYPE``): how each vocabulary entry is used.
-GGUF_CONTROL = 3  # special token: <|im_start|>, <|endoftext|>, ...
-GGUF_USER_DEFINED = 4  # added but not special: <tool_call>, ...
-GGUF_UNUSED = 5  # padding rows of the embedding ([PAD151665] ...): no token at all
+def __getattr__(name: str) -> Any:
+    """``tokenizer_files_from_gguf`` moved to :mod:`minqwen.loading.gguf` (deprecated path)."""
+    if name == "tokenizer_files_from_gguf":
+        from . import _moved
+        from .loading import gguf
 
-# The pre-tokeniser names GGUF uses for Qwen2 -> split pattern. (GGUF does not record the
-# normalisation; the official Qwen2/2.5 tokenizer.json applies NFC, so the files we write do too.)
-GGUF_PRE_TOKENIZERS = {"qwen2": QWEN2_PATTERN}
-
-
-def _byte_level() -> dict[str, Any]:
-    """An HF ``ByteLevel`` component that only maps bytes (the regex split happens before it)."""
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-
-
-def _added_token(token_id: int, content: str, special: bool) -> dict[str, Any]:
-    """One entry of tokenizer.json's ``added_tokens`` list, as Qwen's official files write it."""
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": special,
-    }
-
-
-def _gguf_value(metadata: dict, key: str, default: Any = ...) -> Any:
-    """``metadata[key]``, or a ``ValueError`` naming the missing GGUF key."""
-    if key in metadata:
-        return metadata[key]
-    if default is ...:
-        raise ValueError(f"GGUF tokenizer metadata has no {key!r}")
-    return default
-
-
-def _gguf_merges(merges: list[str]) -> list[list[str]]:
-    """GGUF merges ``"a b"`` -> tokenizer.json pairs ``["a", "b"]`` (byte-level tokens hold no spaces)."""
-    pairs = []
-    for rank, merge in enumerate(merges):
-        pair = merge.split(" ")
-        if len(pair) != 2 or not all(pair):
-            raise ValueError(f"GGUF tokenizer.ggml.merges[{rank}] = {merge!r} is not two tokens separated by one space")
-        pairs.append(pair)
-    return pairs
-
-
-def tokenizer_files_from_gguf(metadata: dict) -> dict[str, str]:
-    """GGUF tokenizer metadata -> {"tokenizer.json": ..., "tokenizer_config.json": ...} (file name -> JSON text).
-
-    ``metadata`` holds the GGUF ``tokenizer.*`` keys as plain Python values. Normal tokens form the
-    BPE vocabulary; control tokens become special added tokens and user-defined tokens non-special
-    added tokens (both matched before BPE, as HF does); unused padding rows are left out. For a
-    ``qwen2`` pre-tokeniser the NFC normalizer of the official Qwen2/2.5 tokenizer.json is added.
-    """
-    model = _gguf_value(metadata, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
-    pre = _gguf_value(metadata, "tokenizer.ggml.pre")
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(f"GGUF tokenizer.ggml.pre is {pre!r}; supported: {', '.join(GGUF_PRE_TOKENIZERS)}")
-    tokens = list(_gguf_value(metadata, "tokenizer.ggml.tokens"))
-    types = list(_gguf_value(metadata, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    if len(types) != len(tokens):
-        raise ValueError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
-
-    vocab, added = {}, []
-    for token_id, (token, kind) in enumerate(zip(tokens, types)):
-        if kind in (GGUF_CONTROL, GGUF_USER_DEFINED):
-            added.append(_added_token(token_id, token, special=kind == GGUF_CONTROL))
-        elif kind != GGUF_UNUSED:
-            vocab[token] = token_id
-    tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZERS[pre]}, "behavior": "Isolated", "invert": False},
-                _byte_level(),
-            ],
-        },
-        "post_processor": _byte_level(),
-        "decoder": _byte_level(),
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": _gguf_merges(_gguf_value(metadata, "tokenizer.ggml.merges")),
-        },
-    }
-    config = _tokenizer_config_from_gguf(metadata, tokens, added)
-    return {
-        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False, indent=1) + "\n",
-        "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2) + "\n",
-    }
-
-
-def _tokenizer_config_from_gguf(metadata: dict, tokens: list[str], added: list[dict]) -> dict[str, Any]:
-    """The tokenizer_config.json transformers reads: special tokens by name, chat template."""
-
-    def token_named_by(key: str) -> str | None:
-        token_id = metadata.get(key)
-        if token_id is None:
-            return None
-        if not 0 <= token_id < len(tokens):
-            raise ValueError(f"GGUF {key} = {token_id} is outside the vocabulary of {len(tokens)} tokens")
-        return tokens[token_id]
-
-    config: dict[str, Any] = {
-        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
-        "bos_token": token_named_by("tokenizer.ggml.bos_token_id"),
-        "clean_up_tokenization_spaces": False,
-        "eos_token": token_named_by("tokenizer.ggml.eos_token_id"),
-        "errors": "replace",
-        "pad_token": token_named_by("tokenizer.ggml.padding_token_id"),
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    if "tokenizer.chat_template" in metadata:
-        config["chat_template"] = metadata["tokenizer.chat_template"]
-    return config
+        return _moved.forward_to(__name__, gguf)(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from .bpe import bytes_to_unicode
+from .bpe import byte_level_tokenizer_json, bytes_to_unicode
 from .config import Qwen2Config
 from .generate import generate
 from .loss import lm_loss
@@ -147,24 +147,7 @@ def byte_tokenizer_json() -> dict[str, Any]:
     Token id = byte value. Qwen2's pre-tokenizer is kept so the file has Qwen2's shape; with no
     merges it changes nothing.
     """
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    split = {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
-        "post_processor": None,
-        "decoder": {**byte_level, "use_regex": True},
-        "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": {symbol: byte for byte, symbol in bytes_to_unicode().items()},
-            "merges": [],
-        },
-    }
+    return byte_level_tokenizer_json({symbol: byte for byte, symbol in bytes_to_unicode().items()}, [], nfc=False)
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from minqwen import Qwen2ForCausalLM
-from minqwen.gguf_file import BLOCK_NAMES, TOP_LEVEL_NAMES
+from minqwen.loading.gguf import BLOCK_NAMES, TOP_LEVEL_NAMES
 
 HF_TO_GGUF = {hf: gguf for gguf, hf in {**TOP_LEVEL_NAMES, **BLOCK_NAMES}.items()}
 
@@ -24,8 +24,12 @@ def gguf_name(hf_name: str) -> str:
     return f"{HF_TO_GGUF[stem]}.{kind}"
 
 
+MERGES = ["Ġ t", "h e"]  # the tiny tokenizer's merges, when the vocabulary has room for their results
+MERGED = [merge.replace(" ", "") for merge in MERGES]
+
+
 def byte_level_vocab(size: int) -> tuple[list[str], list[int]]:
-    """The 256 GPT-2 byte symbols, ``<|endoftext|>`` and filler tokens up to ``size``."""
+    """The 256 GPT-2 byte symbols, ``<|endoftext|>``, the :data:`MERGED` tokens and filler tokens up to ``size``."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes, extra = printable[:], 0
     for b in range(256):
@@ -34,7 +38,7 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int]]:
             codes.append(256 + extra)
             extra += 1
     tokens = [chr(c) for c in codes] + ["<|endoftext|>"]
-    tokens += [f"tok{i}" for i in range(size - len(tokens))]
+    tokens += (MERGED + [f"tok{i}" for i in range(size)])[: size - len(tokens)]
     types = [1] * 256 + [3] + [1] * (size - 257)
     return tokens, types
 
@@ -56,7 +60,7 @@ def write_tiny_gguf(model: Qwen2ForCausalLM, path: Path, arch: str = "qwen2", qu
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_token_merges([merge for merge in MERGES if merge.replace(" ", "") in tokens])
     writer.add_eos_token_id(256)
     writer.add_bos_token_id(256)
     state_dict = model.state_dict()

@@ -7,9 +7,11 @@ import json
 import pytest
 from gguf_fixtures import byte_level_vocab
 
-from minqwen.tokenizer import QWEN2_PATTERN, tokenizer_files_from_gguf
+from minqwen.bpe import QWEN2_PATTERN
+from minqwen.loading.gguf import tokenizer_files_from_gguf
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+TEMPLATE_WITH_SYSTEM = "{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are tiny.<|im_end|>\\n' }}{%- endif %}" + TEMPLATE
 
 
 def tiny_metadata() -> dict:
@@ -90,3 +92,56 @@ def test_missing_key_is_named():
     del metadata["tokenizer.ggml.merges"]
     with pytest.raises(ValueError, match="no 'tokenizer.ggml.merges'"):
         tokenizer_files_from_gguf(metadata)
+
+
+# ---------------------------------------------------------------------------- whole files
+@pytest.fixture
+def tiny_gguf(tmp_path, monkeypatch):
+    """A tiny Qwen2 GGUF with a 300-token vocabulary (two merges), and an empty private cache."""
+    from gguf_fixtures import write_tiny_gguf
+    from helpers import random_model, tiny_config
+
+    monkeypatch.setenv("MINQWEN_CACHE", str(tmp_path / "cache"))
+    write_tiny_gguf(random_model(tiny_config(vocab_size=300, head_size=16)), tmp_path / "tiny.gguf")
+    return tmp_path / "tiny.gguf"
+
+
+def test_a_tokenizer_from_a_gguf_writes_only_tokenizer_files(tiny_gguf, tmp_path):
+    from minqwen import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(tiny_gguf)
+    assert tokenizer.encode(" the<|endoftext|>", allowed_special="all") == [257, 258, 256]  # "Ġt" "he" <|endoftext|>
+    written = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    (directory,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert [w for w in written if not w.startswith("locks")] == [f"tokenizers/{directory.name}/{name}" for name in ("tokenizer.json", "tokenizer_config.json")]
+
+
+def test_a_tokenizer_saved_by_transformers_loads(tiny_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    from minqwen import Tokenizer
+
+    saved = tmp_path / "saved by transformers"
+    written = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    written.chat_template = TEMPLATE_WITH_SYSTEM  # transformers 5 writes it to chat_template.jinja
+    written.save_pretrained(saved)
+    vocab = json.loads((saved / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert vocab["<|endoftext|>"] == 256, "transformers lists the special token in the vocabulary too"
+    reference = AutoTokenizer.from_pretrained(saved)
+    ours = Tokenizer.from_pretrained(saved)
+    text = " the theme<|endoftext|> héllo"
+    assert ours.encode(text, allowed_special="all") == reference(text)["input_ids"]
+    assert ours.decode(ours.encode(text, allowed_special="all")) == text
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert chat == reference.apply_chat_template(messages, tokenize=False) and chat.startswith("<|im_start|>system\nYou are tiny.")
+
+
+def test_one_name_with_two_ids_is_still_an_error():
+    from minqwen.tokenizer import AddedToken, Tokenizer
+
+    vocab = dict(zip(byte_level_vocab(257)[0][:256], range(256)))
+    with pytest.raises(ValueError, match="'<\\|endoftext\\|>' has two ids: 300 and 256"):
+        Tokenizer(vocab | {"<|endoftext|>": 300}, [], [AddedToken(256, "<|endoftext|>")])
+    with pytest.raises(ValueError, match="'<\\|endoftext\\|>' has two ids: 256 and 257"):
+        Tokenizer(vocab, [], [AddedToken(256, "<|endoftext|>"), AddedToken(257, "<|endoftext|>")])

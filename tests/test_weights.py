@@ -8,7 +8,7 @@ from helpers import assert_close, hf_twin, random_model, tiny_config
 from safetensors.torch import save_file
 
 import minqwen
-from minqwen.weights import read_safetensors
+from minqwen.loading.weights import read_safetensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is in requirements-dev.txt")
 
@@ -127,7 +127,7 @@ def test_loaded_weights_are_memory_mapped_views(tmp_path):
 
 
 def test_atomic_directory_replaces_the_target_or_leaves_nothing(tmp_path):
-    from minqwen.weights import atomic_directory
+    from minqwen.loading.files import atomic_directory
 
     target = tmp_path / "out" / "step-1"
     with atomic_directory(target) as tmp:
@@ -142,3 +142,66 @@ def test_atomic_directory_replaces_the_target_or_leaves_nothing(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_atomic_file_writes_all_or_nothing(tmp_path):
+    from minqwen.loading.files import atomic_file
+
+    target = tmp_path / "dir with space ü" / "results.json"
+    with atomic_file(target) as tmp:
+        tmp.write_text("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "first" and [p.name for p in target.parent.iterdir()] == ["results.json"]
+
+
+def test_checkpoint_paths_with_spaces_and_non_ascii(tmp_path):
+    model = random_model(tiny_config())
+    path = tmp_path / "my checkpoints" / "qwen 小型 é"
+    minqwen.save_pretrained(model, path)
+    with torch.no_grad():
+        assert_close(minqwen.from_pretrained(path)(INPUT_IDS), model(INPUT_IDS))
+
+
+def test_from_pretrained_puts_the_model_on_the_device(tmp_path):
+    model = random_model(tiny_config())
+    minqwen.save_pretrained(model, tmp_path)
+    loaded = minqwen.from_pretrained(tmp_path, device=torch.device("cpu"))
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="device must be"):
+        minqwen.from_pretrained(tmp_path, device="gpu")
+    # "meta" exists everywhere and has no int8 kernel: the int8 refusal, before anything is read
+    with pytest.raises(ValueError, match="quantize='int8' needs the int8 kernel, which device 'meta' does not have"):
+        minqwen.from_pretrained(tmp_path / "absent", quantize="int8", device="meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the error is for machines without it")
+def test_an_absent_accelerator_is_named(tmp_path):
+    with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+        minqwen.from_pretrained(tmp_path, device="cuda")
+
+
+def test_old_loading_paths_warn_and_forward_and_import_minqwen_is_silent():
+    import subprocess
+    import sys
+
+    quiet = "import minqwen, minqwen.hub; assert minqwen.hub is minqwen.loading.hub"
+    subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", quiet], check=True)
+    from minqwen import gguf_file, loading, prepared, tokenizer, weights
+
+    moved = [
+        (weights, "from_pretrained", loading.from_pretrained),
+        (weights, "atomic_directory", loading.files.atomic_directory),
+        (weights, "read_safetensors", loading.weights.read_safetensors),
+        (prepared, "save_aligned", loading.prepared.save_aligned),
+        (gguf_file, "open_gguf", loading.gguf.open_gguf),
+        (tokenizer, "tokenizer_files_from_gguf", loading.gguf.tokenizer_files_from_gguf),
+    ]
+    for old, name, new in moved:
+        with pytest.warns(DeprecationWarning, match=f"{old.__name__}.{name} has moved to"):
+            assert getattr(old, name) is new
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        weights.nothing
