@@ -81,7 +81,7 @@ def tiny_checkpoint(_tiny_checkpoint_template, tmp_path):
     """A tiny checkpoint directory of this test's own (a copy it may change), as a ``str`` path.
 
     HF format (``config.json``, ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``):
-    a random two-layer Qwen2 with hidden size 64 over a 262-token byte-level BPE with ChatML
+    a random six-layer Qwen2 with hidden size 64 over a 262-token byte-level BPE with ChatML
     (``helpers.save_tiny_checkpoint``). Loads with ``minqwen.from_pretrained``,
     ``minqwen.Tokenizer.from_pretrained``, ``python -m minqwen --checkpoint`` and HF transformers.
     """

@@ -138,8 +138,9 @@ def write_tiny_tokenizer(directory: Path) -> dict[str, int]:
 
 
 def save_tiny_checkpoint(directory: Path, seed: int = 1) -> Path:
-    """An HF-format directory a few hundred KB big: a random two-layer Qwen2 (hidden 64, int8-ready)
-    over the tiny tokenizer, which stops at ``<|im_end|>`` / ``<|endoftext|>`` like Qwen.
+    """An HF-format directory of about 1 MB: a random six-layer Qwen2 (hidden 64, int8-ready; six
+    layers so that the README's ``model.layers.5`` exists) over the tiny tokenizer, stopping at
+    ``<|im_end|>`` / ``<|endoftext|>`` like Qwen.
 
     The head's rows for the added tokens are zero, so greedy decoding does not stop at once: a zero
     logit is rarely the largest of 262 random ones, and that margin does not depend on the CPU.
@@ -147,7 +148,9 @@ def save_tiny_checkpoint(directory: Path, seed: int = 1) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = write_tiny_tokenizer(directory)
     stop_ids = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
-    config = tiny_config(hidden_size=64, head_size=16, vocab_size=len(vocab), eos_token_id=stop_ids, max_position_embeddings=4096)
+    config = tiny_config(
+        hidden_size=64, head_size=16, num_hidden_layers=6, vocab_size=len(vocab), eos_token_id=stop_ids, max_position_embeddings=4096
+    )
     model = random_model(config, seed)
     with torch.no_grad():
         model.lm_head.weight[[vocab[t] for t in TINY_ADDED_TOKENS]] = 0
