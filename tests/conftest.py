@@ -11,6 +11,8 @@ once). It is added automatically here, so test files need not remember it, to ev
 Every other test runs with the minqwen cache in its own temporary directory and with downloads
 switched off, so ``pytest -m "not real"`` (``make test-fast``) never touches the network or the
 shared cache, and a test that needs the real weights without being marked fails loudly instead.
+Those tests also run PyTorch on one thread (their subprocesses too): on millisecond-sized tiny
+models a second thread costs more in synchronisation than it gives, up to 10x on a busy machine.
 """
 
 import inspect
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from helpers import save_tiny_checkpoint  # noqa: E402
 
 CACHE_ENV = "MINQWEN_CACHE"  # documented in the README; the code that reads it may move
@@ -30,6 +33,7 @@ REAL_NAMES_IN_SOURCE = ("DEFAULT_CHECKPOINT",)
 REAL_BY_NODE_ID = {  # node id -> why it needs the real weights
     "tests/test_cli.py::test_real_model_continues_the_prompt": "runs `python -m minqwen` on its default checkpoint",
     "tests/test_cli.py::test_real_model_chat_answers": "runs `python -m minqwen chat` on its default checkpoint",
+    "tests/test_long_context_real.py::test_passkey_command_finds_the_key_across_dca_chunks": "passkey's default checkpoint",
 }
 
 
@@ -62,13 +66,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _offline_private_cache(request, tmp_path, monkeypatch):
-    """Tests not marked ``real``: a private, empty minqwen cache in ``tmp_path / "cache"`` and no downloads
-    (pip and the HF hub offline), in this process and in the subprocesses it starts."""
+    """Tests not marked ``real``: a private, empty minqwen cache in ``tmp_path / "cache"``, no downloads
+    (pip and the HF hub offline) and one thread, in this process and in the subprocesses it starts."""
     if request.node.get_closest_marker("real"):
+        yield
         return
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
