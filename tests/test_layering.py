@@ -186,3 +186,29 @@ def test_no_benchmark_harness_in_the_package():
     """Benchmarks live in ``benchmarks/``; the package holds library code only."""
     harnesses = [name for name in package_modules() if name.rsplit(".", 1)[-1].startswith("bench") or "_bench" in name]
     assert not harnesses, f"benchmark harnesses inside {PACKAGE}/ (move them to benchmarks/): {harnesses}"
+
+
+# Standard-library names newer than Python 3.10, the lowest version pyproject.toml's requires-python admits.
+NEWER_THAN_3_10 = {"tomllib", "typing.Self", "typing.Never", "typing.LiteralString", "typing.assert_never",
+                   "typing.reveal_type", "typing.Required", "typing.NotRequired", "typing.TypeVarTuple",
+                   "typing.Unpack", "enum.StrEnum", "datetime.UTC", "asyncio.TaskGroup", "hashlib.file_digest",
+                   "ExceptionGroup", "BaseExceptionGroup"}
+
+
+def test_the_package_needs_nothing_newer_than_python_3_10():
+    """requires-python = ">=3.10" is a promise: no 3.11+ syntax (``except*``) and no 3.11+ standard-library name."""
+    problems = []
+    for name, path in package_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 10))  # SyntaxError on newer syntax
+        for node in ast.walk(tree):
+            used = set()
+            if isinstance(node, ast.Import):
+                used = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                used = {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                used = {f"{node.value.id}.{node.attr}"}
+            elif isinstance(node, ast.Name):
+                used = {node.id}
+            problems += [f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno}: {u}" for u in sorted(used & NEWER_THAN_3_10)]
+    assert not problems, "Python 3.11+ only, but requires-python is >=3.10:\n" + "\n".join(problems)
