@@ -11,8 +11,8 @@ An HTML comment on the line before a block changes how it runs:
 
 - ``<!-- test: continues -->``: the block continues the python block before it (it uses its
   variables); that block runs first, in the same namespace.
-- ``<!-- test: real -->``: the block also runs on the real weights, unchanged (marked ``real``).
-  A block that continues a ``real`` block runs on the real weights too.
+- ``<!-- test: real -->``: the block also runs on the real weights, unchanged (marked ``real``),
+  after the blocks it continues. Blocks that continue it run on the tiny model only.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ class Block:
     def chain(self) -> list[Block]:
         """The blocks to run, in order: this one after the blocks it continues."""
         return (self.previous.chain() if "continues" in self.options and self.previous else []) + [self]
-
-    def needs_real_weights(self) -> bool:
-        return any("real" in block.options for block in self.chain())
 
 
 def anchor(heading: str) -> str:
@@ -88,7 +85,7 @@ def python_blocks(markdown: str) -> list[Block]:
 
 BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
 CASES = [pytest.param(block, False, id=block.name) for block in BLOCKS] + [
-    pytest.param(block, True, id=f"{block.name}-real", marks=pytest.mark.real) for block in BLOCKS if block.needs_real_weights()
+    pytest.param(block, True, id=f"{block.name}-real", marks=pytest.mark.real) for block in BLOCKS if "real" in block.options
 ]
 
 
@@ -145,7 +142,6 @@ def test_blocks_headings_and_options_are_parsed():
         ("use-it-twice-3", 22, "d = 4\n", set()),
     ]
     assert [b.name for b in blocks[2].chain()] == ["use-it-twice-1", "use-it-twice-2"]
-    assert [b.needs_real_weights() for b in blocks] == [False, True, True, False]
     with pytest.raises(ValueError, match="unknown test option"):
         python_blocks("<!-- test: maybe -->\n```python\nx = 1\n```\n")
 
