@@ -6,7 +6,7 @@ BASE_STAMP := $(VENV)/.base-installed
 DEV_STAMP := $(VENV)/.dev-installed
 PROMPT ?= The capital of France is
 
-.PHONY: run test lab bench clean-venv
+.PHONY: run test test-fast test-emulated strip lab bench clean-venv
 
 # torch goes in first and alone: pinned to 2.13.0, a CPU build, so nothing pulls a CUDA build.
 $(BASE_STAMP): requirements.txt pyproject.toml
@@ -25,10 +25,32 @@ $(DEV_STAMP): $(BASE_STAMP) requirements-dev.txt
 run: $(BASE_STAMP)
 	$(PY) -m minqwen "$(PROMPT)"
 
-## test: pytest (incl. HF parity) and every notebook under nbval
+# The second nbval pass runs the notebooks as on another CPU, against the same stored outputs:
+# PyTorch's non-vectorised kernels, MKL's SSE2 code path (each changes the last bits of an fp32
+# F.linear), and each CPU-feature switch forced to the path this CPU does not take: the bf16 GEMM
+# (native on CPUs with fast bf16, fp32 elsewhere) and the int8 kernel (fused by default).
+# Recursive (=): evaluated when the recipe runs, after .venv exists. Override on the command line.
+OTHER_BF16_GEMM = $(shell $(PY) -c "from minqwen.linear import cpu_has_fast_bf16_gemm as fast; print('fp32' if fast() else 'native')" || echo FAILED-see-Makefile)
+EMULATED_CPU_ENV = ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE MINQWEN_BF16_GEMM=$(OTHER_BF16_GEMM) MINQWEN_INT8_KERNEL=dequant
+
+## test: pytest (incl. HF parity and the real model), every notebook under nbval, then nbval again as on another CPU
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval notebooks
+	$(MAKE) --no-print-directory test-emulated
+
+## test-fast: the inner loop: pytest on tiny models only (no real weights, no download, no notebooks), about 2 min
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -q -m "not real" tests
+
+## test-emulated: the notebooks under nbval with another CPU's kernels and paths (EMULATED_CPU_ENV)
+test-emulated: $(DEV_STAMP)
+	@echo "emulated CPU: $(EMULATED_CPU_ENV)"
+	env $(EMULATED_CPU_ENV) $(PY) -m pytest -q --nbval notebooks
+
+## strip: clear the notebooks' execution counts and execution timestamps (before committing a notebook)
+strip: $(BASE_STAMP)
+	$(PY) tools/strip_notebooks.py notebooks/*.ipynb
 
 ## lab: open the notebooks in Jupyter Lab (with transformers: some notebooks compare with HF)
 lab: $(DEV_STAMP)

@@ -1,6 +1,10 @@
-"""Shared test helpers: tiny random configs, randomised weights and HF twins of minqwen models."""
+"""Shared test helpers: tiny random configs, randomised weights, HF twins of minqwen models, and a
+tiny checkpoint directory (model + tokenizer) that needs no download."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,7 +88,77 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     )
 
 
-__all__ = ["TOLERANCE", "tiny_config", "randomize_", "random_model", "tiny_model_with_qwen_vocab", "hf_config", "hf_twin", "assert_close", "minqwen"]
+# ---------------------------------------------------------------- a tiny checkpoint directory
+# A byte-level BPE over the 256 byte symbols, three merges and Qwen's three ChatML tokens: enough for
+# encode/decode, streaming, ChatML and chat, written in HF's file format like a real checkpoint's.
+TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+TINY_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_CHAT_TEMPLATE = (  # Qwen2.5's shape: its default system prompt, then ChatML turns
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0-255 (``Ġ`` for the space), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def write_tiny_tokenizer(directory: Path) -> dict[str, int]:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (Qwen2's pipeline); return the vocabulary, added tokens included."""
+    from minqwen.tokenizer import QWEN2_PATTERN
+
+    vocab = {symbol: i for i, symbol in enumerate(byte_symbols())}
+    for left, right in TINY_MERGES:
+        vocab[left + right] = len(vocab)
+    added = {content: len(vocab) + i for i, content in enumerate(TINY_ADDED_TOKENS)}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    added_tokens = [
+        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        for c, i in added.items()
+    ]
+    tokenizer = {
+        "version": "1.0",
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False}, byte_level],
+        },
+        "decoder": byte_level,
+        "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in TINY_MERGES]},
+    }
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": TINY_CHAT_TEMPLATE}
+    (directory / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return {**vocab, **added}
+
+
+def save_tiny_checkpoint(directory: Path, seed: int = 1) -> Path:
+    """An HF-format directory of about 1 MB: a random six-layer Qwen2 (hidden 64, int8-ready; six
+    layers so that the README's ``model.layers.5`` exists) over the tiny tokenizer, stopping at
+    ``<|im_end|>`` / ``<|endoftext|>`` like Qwen.
+
+    The head's rows for the added tokens are zero, so greedy decoding does not stop at once: a zero
+    logit is rarely the largest of 262 random ones, and that margin does not depend on the CPU.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = write_tiny_tokenizer(directory)
+    stop_ids = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
+    config = tiny_config(
+        hidden_size=64, head_size=16, num_hidden_layers=6, vocab_size=len(vocab), eos_token_id=stop_ids, max_position_embeddings=4096
+    )
+    model = random_model(config, seed)
+    with torch.no_grad():
+        model.lm_head.weight[[vocab[t] for t in TINY_ADDED_TOKENS]] = 0
+    minqwen.save_pretrained(model, directory)
+    return directory
+
+
+__all__ = ["TOLERANCE", "tiny_config", "randomize_", "random_model", "tiny_model_with_qwen_vocab", "hf_config", "hf_twin", "assert_close", "minqwen", "save_tiny_checkpoint", "write_tiny_tokenizer"]
 
 
 def assert_exercise_check(check, right, wrong, capsys, *inputs, match: str | None = None) -> None:

@@ -99,13 +99,6 @@ def test_table_is_markdown_with_ratios():
     json.dumps(fake_report().to_json())  # everything serialises
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "tiny"
-    minqwen.save_pretrained(random_model(tiny_config(hidden_size=64, head_size=16)), path)
-    return str(path)
-
-
 TINY = dict(prompt_tokens=8, new_tokens=4, prefill_lengths=(16, 32), repeats=1, long_prefill=32)
 
 

@@ -2,16 +2,13 @@
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import tiny_model_with_qwen_vocab
 
-import minqwen
 from minqwen.__main__ import COMMANDS, main
 
 
@@ -21,17 +18,6 @@ def run_cli(*args, stdin="", timeout=300):
         [sys.executable, "-m", "minqwen", *args], input=stdin, capture_output=True, text=True, timeout=timeout
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """An HF-format directory: a tiny random model plus the real tokenizer files."""
-    directory = tmp_path_factory.mktemp("tiny-chat-model")
-    minqwen.save_pretrained(tiny_model_with_qwen_vocab(seed=1), directory)
-    real = minqwen.hub.resolve(minqwen.hub.DEFAULT_CHECKPOINT)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(real / name, directory / name)
-    return str(directory)
 
 
 def assert_one_line_error(code, stderr, expected_code, fragment):

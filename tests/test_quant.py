@@ -160,16 +160,9 @@ def test_unknown_scheme_is_refused():
 
 
 # --------------------------------------------------------------------------- the prepared copy
-@pytest.fixture
-def tiny_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
-    model = random_model(tiny_config(hidden_size=64, head_size=16))
-    minqwen.save_pretrained(model, tmp_path / "tiny")
-    return model, tmp_path / "tiny"
-
-
 def test_from_pretrained_int8_writes_an_aligned_prepared_copy_once(tiny_checkpoint, tmp_path):
-    original, path = tiny_checkpoint
+    path = tiny_checkpoint  # the conftest fixture: a str path, the cache in tmp_path / "cache"
+    original = load_hf_dir(path)
     first = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
     prepared = list((tmp_path / "cache" / "prepared").rglob("*.safetensors"))
     assert [p.name.split(".")[1] for p in prepared] == ["int8-bfloat16"]  # model.<variant>.<source key>.safetensors
@@ -194,7 +187,7 @@ def converted_in_memory(path):
 
 
 def test_bf16_from_an_fp32_checkpoint_is_prepared_and_equal(tiny_checkpoint, tmp_path):
-    _, path = tiny_checkpoint
+    path = tiny_checkpoint
     model = minqwen.from_pretrained(path, dtype=torch.bfloat16)
     assert list((tmp_path / "cache" / "prepared").rglob("model.bfloat16.*.safetensors"))
     ids = torch.randint(0, 257, (1, 9))
@@ -203,7 +196,7 @@ def test_bf16_from_an_fp32_checkpoint_is_prepared_and_equal(tiny_checkpoint, tmp
 
 
 def test_a_changed_checkpoint_gets_a_fresh_prepared_copy(tiny_checkpoint, tmp_path):
-    _, path = tiny_checkpoint
+    path = tiny_checkpoint
     minqwen.from_pretrained(path, dtype=torch.bfloat16)
     (stale,) = (tmp_path / "cache" / "prepared").rglob("*.safetensors")
     minqwen.save_pretrained(random_model(tiny_config(hidden_size=64, head_size=16), seed=1), path)
@@ -216,7 +209,7 @@ def test_a_changed_checkpoint_gets_a_fresh_prepared_copy(tiny_checkpoint, tmp_pa
 
 
 def test_same_dtype_load_maps_the_checkpoint_without_a_copy(tiny_checkpoint, tmp_path):
-    _, path = tiny_checkpoint
+    path = tiny_checkpoint
     minqwen.from_pretrained(path)  # stored in fp32, loaded in fp32
     assert not (tmp_path / "cache" / "prepared").exists()
 
