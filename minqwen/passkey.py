@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 
 from .cache import KVCache
 from .generate import Sampler, generate_steps
+from .hardware import peak_rss_mb
 from .hub import DEFAULT_CHECKPOINT
 from .model import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
@@ -144,7 +144,7 @@ def run_passkey(
         found=passkey in answer,
         prefill_seconds=round(prefill_seconds, 1),
         total_seconds=round(time.perf_counter() - start, 1),
-        peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        peak_rss_gb=round(peak_rss_mb() / 2**10, 2),
     )
 
 
