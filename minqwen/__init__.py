@@ -12,6 +12,7 @@ from .generate import generate, stream
 from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .quant import quantize
+from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 from .weights import from_pretrained, save_pretrained
 
@@ -19,6 +20,7 @@ __all__ = [
     "hub",
     "KVCache",
     "Chat",
+    "GenerationConfig",
     "Qwen2Config",
     "Qwen2DecoderLayer",
     "Qwen2ForCausalLM",

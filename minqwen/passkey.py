@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .cache import KVCache
-from .generate import Sampler, generate_steps
+from .generate import generate_steps
 from .hardware import peak_rss_mb
 from .hub import DEFAULT_CHECKPOINT
 from .model import Qwen2ForCausalLM
@@ -131,7 +131,7 @@ def run_passkey(
     prefill(model, ids[:-1], cache)
     prefill_seconds = time.perf_counter() - start
     new_ids = []
-    for step in generate_steps(model, [ids], NEW_TOKENS, Sampler(), stop_token_ids=tokenizer.eos_token_ids, cache=cache):
+    for step in generate_steps(model, [ids], NEW_TOKENS, stop_token_ids=tokenizer.eos_token_ids, cache=cache):
         new_ids += [t for t in step.token_ids if t is not None]
     answer = tokenizer.decode(new_ids)
     return PasskeyResult(
