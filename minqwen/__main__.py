@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from . import evaluate, lora_demo, train
+from . import evaluate
 from .chat import DEFAULT_CHAT_MAX_NEW_TOKENS, Chat
 from .generate import DEFAULT_MAX_NEW_TOKENS, stream
 from .hub import DEFAULT_CHECKPOINT
+from .recipes import lora_demo, train_tiny
 from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 from .weights import from_pretrained
@@ -190,7 +191,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("continue a prompt (greedy unless --temperature > 0)", add_generate_arguments, run_generate),
     "chat": Command("talk to the instruct model in the terminal, replies streamed", add_chat_arguments, run_chat),
     "eval": Command("perplexity of a text file, sliding window", evaluate.add_arguments, evaluate.run),
-    "train": Command("train a tiny Qwen2 from scratch (resumes; runs under torchrun too)", train.add_arguments, train.run),
+    "train": Command("train a tiny Qwen2 from scratch (resumes; runs under torchrun too)", train_tiny.add_arguments, train_tiny.run),
     "lora-demo": Command("LoRA-tune the real 0.5B on a made-up fact table, report held-out accuracy", lora_demo.add_arguments, lora_demo.run),
 }
 DEFAULT_COMMAND = "generate"  # what `python -m minqwen "prompt"` runs
