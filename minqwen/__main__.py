@@ -2,6 +2,7 @@
 
     python -m minqwen "The capital of France is"          # no command: generate
     python -m minqwen generate "def fib(n):" --max-new-tokens 64 --temperature 0.7 --seed 0
+    python -m minqwen generate "def fib(n):" --device auto   # a GPU when there is one (cuda, then mps)
     python -m minqwen chat --system "You are a terse assistant."
     python -m minqwen eval --text notes.txt --stride 512
     python -m minqwen train --out-dir runs/tiny
@@ -22,6 +23,7 @@ from typing import Callable, Sequence
 from . import evaluate
 from .chat import DEFAULT_CHAT_MAX_NEW_TOKENS, Chat
 from .generate import DEFAULT_MAX_NEW_TOKENS, stream
+from .hardware import pick_device
 from .hub import DEFAULT_CHECKPOINT
 from .recipes import lora_demo, train_tiny
 from .sampling import GenerationConfig
@@ -46,7 +48,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint and --dtype: which weights to load and in which precision."""
+    """--checkpoint, --dtype and --device: which weights to load, in which precision, where."""
     parser.add_argument(
         "--checkpoint",
         default=DEFAULT_CHECKPOINT,
@@ -57,6 +59,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16"),
         default="float32",
         help="weight precision; float32 is usually faster on CPUs without bf16 units (default: float32)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu (default: cpu)",
     )
 
 
@@ -82,10 +89,11 @@ def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
 
 
 def load(args: argparse.Namespace):
-    """The model and tokenizer named by --checkpoint, in --dtype; reports the time on stderr."""
+    """The model and tokenizer named by --checkpoint, in --dtype, on --device; reports the time on stderr."""
+    device = pick_device(args.device)  # an unusable device fails before the slow part
     start = time.perf_counter()
-    print(f"loading {args.checkpoint} ({args.dtype}) ...", file=sys.stderr, flush=True)
-    model = from_pretrained(args.checkpoint, dtype=args.dtype)
+    print(f"loading {args.checkpoint} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
+    model = from_pretrained(args.checkpoint, dtype=args.dtype).to(device)
     tokenizer = Tokenizer.from_pretrained(args.checkpoint)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model, tokenizer

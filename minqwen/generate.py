@@ -152,7 +152,7 @@ def generate_steps(
     check_prompts(prompts, model.config.vocab_size)
     steps = fit_to_context(model, prompts, config.max_new_tokens)
     stops = default_stop_ids(model) if config.stop_token_ids is None else set(config.stop_token_ids)
-    ids, mask, positions = (t.to(model.lm_head.weight.device) for t in padded_batch(prompts, steps))
+    ids, mask, positions = (t.to(model.model.embed_tokens.weight.device) for t in padded_batch(prompts, steps))
     cache = prepare_cache(model, prompts, ids.shape[1], use_cache, cache)
     return decode_loop(model, ids, mask, positions, steps, Sampler(config), stops, cache)
 

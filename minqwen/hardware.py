@@ -1,4 +1,5 @@
-"""The machine a model runs on: what the CPU can do, how fast memory reads, how much RAM we used.
+"""The machine a model runs on: which device to use, what the CPU can do, how fast memory reads,
+how much RAM we used.
 
 Decoding one token reads every weight once, so its speed is set by memory bandwidth and by
 which instructions the CPU has (AVX2/FMA for fp32, AVX-512 BF16 or AMX for bf16 matrix
@@ -72,3 +73,30 @@ def peak_rss_mb() -> float:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """The device called ``name``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, or ``"auto"``
+    (the first of cuda, mps and cpu that this torch can use).
+
+    Naming a device this machine does not have is a ``ValueError`` saying so, not a crash later.
+    """
+    if str(name) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {str(name)!r}: use cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r}: Apple's MPS is not available to this torch ({torch.__version__})")
+    return device

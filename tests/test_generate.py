@@ -1,6 +1,8 @@
 """Generation on tiny random models: KV cache vs recomputation, HF parity, batches, sampling,
 GenerationConfig and its keyword shorthand, errors."""
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close, hf_twin, random_model, tiny_config
@@ -176,6 +178,28 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model):
     assert torch.equal(torch.rand(1), draw_after_generating)  # the seeded run used its own generator
     assert generate(model, prompt, 20, seed=7, **settings) == first
     assert generate(model, prompt, 20, seed=8, **settings) != first
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")),
+        pytest.param("mps", marks=pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no Apple MPS here")),
+    ],
+)
+def test_generation_runs_on_the_models_device_and_seeds_reproduce_there(model, device):
+    on_device = copy.deepcopy(model).to(device)
+    prompts = random_prompts([5, 2], seed=12)
+    sampled = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, repetition_penalty=1.1, seed=3, stop_token_ids=[])
+    first = generate(on_device, prompts, generation_config=sampled)
+    assert generate(on_device, prompts, generation_config=sampled) == first
+    assert all(len(row) == 10 for row in first)
+    steps = list(generate_steps(on_device, prompts[:1], 6, stop_token_ids=[]))
+    reference = list(generate_steps(model, prompts[:1], 6, stop_token_ids=[]))
+    assert steps[0].logits.device.type == device
+    logits = torch.stack([s.logits for s in steps]).cpu()
+    torch.testing.assert_close(logits, torch.stack([s.logits for s in reference]), atol=1e-4, rtol=1e-4)
 
 
 def test_unseeded_sampling_follows_torch_manual_seed(model):
