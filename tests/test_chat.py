@@ -185,5 +185,5 @@ def test_real_model_remembers_the_conversation(real_model_fp32, tokenizer):
     chat = Chat(real_model_fp32, tokenizer, max_new_tokens=24)
     chat.send("My name is Ada. Reply with just: OK")
     assert "Ada" in chat.send("What is my name? Answer in one short sentence.")
-    assert minqwen.Chat is Chat and isinstance(chat.turns[-1]["content"], str)
+    assert chat.turns[-1]["role"] == "assistant" and chat.turns[-1]["content"]
     assert torch.is_grad_enabled()
