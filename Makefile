@@ -58,7 +58,7 @@ lab: $(DEV_STAMP)
 
 ## bench: minqwen vs HF transformers on the real checkpoint (about half an hour on 2 cores); JSON in bench-results/
 bench: $(DEV_STAMP)
-	$(PY) -m minqwen.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

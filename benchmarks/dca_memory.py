@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 import torch
 
 from minqwen.dca import INTER, INTRA, SUCCESSIVE, DualChunkSettings, chunked_dca_attention, reference_dca_attention
+from minqwen.hardware import peak_rss_mb
 
 HEADS, KV_HEADS, HEAD_DIM = 7, 1, 64
 REFERENCE_MAX = 4096  # the reference's (T x T) matrices beyond this take gigabytes
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(implementation: str, length: int, chunk_size: int, local_size: int) -> dict:
@@ -34,12 +30,12 @@ def measure(implementation: str, length: int, chunk_size: int, local_size: int) 
     queries = {part: torch.randn(1, HEADS, length, HEAD_DIM, generator=generator) for part in (INTRA, SUCCESSIVE, INTER)}
     k, v = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=generator) for _ in range(2))
     inputs_mb = sum(t.nbytes for t in [*queries.values(), k, v]) / 2**20
-    before = peak_mb()
+    before = peak_rss_mb()
     if implementation == "chunked":
         chunked_dca_attention(queries, k, v, 0, settings, HEAD_DIM**-0.5)
     else:
         reference_dca_attention(queries, k, v, torch.arange(length), settings, HEAD_DIM**-0.5)
-    return {"implementation": implementation, "length": length, "inputs_mb": round(inputs_mb, 1), "extra_peak_mb": round(peak_mb() - before, 1)}
+    return {"implementation": implementation, "length": length, "inputs_mb": round(inputs_mb, 1), "extra_peak_mb": round(peak_rss_mb() - before, 1)}
 
 
 def main() -> None:

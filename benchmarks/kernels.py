@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minqwen.bench import cpu_description, measure_bandwidth
+from minqwen.hardware import cpu_description, measure_bandwidth
 from minqwen.quant import quantize_int8
 
 SHAPES = {"q+k+v": (1152, 896), "gate/up": (4864, 896), "down": (896, 4864), "lm_head": (151936, 896)}

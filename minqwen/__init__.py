@@ -12,12 +12,14 @@ from .loading import from_pretrained, hub, save_pretrained
 from .loss import lm_loss
 from .model import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 from .quant import quantize
+from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 
 __all__ = [
     "hub",
     "KVCache",
     "Chat",
+    "GenerationConfig",
     "Qwen2Config",
     "Qwen2DecoderLayer",
     "Qwen2ForCausalLM",

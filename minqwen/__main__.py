@@ -2,6 +2,7 @@
 
     python -m minqwen "The capital of France is"          # no command: generate
     python -m minqwen generate "def fib(n):" --max-new-tokens 64 --temperature 0.7 --seed 0
+    python -m minqwen generate "def fib(n):" --device auto   # a GPU when there is one (cuda, then mps)
     python -m minqwen chat --system "You are a terse assistant."
     python -m minqwen eval --text notes.txt --stride 512
     python -m minqwen train --out-dir runs/tiny
@@ -19,16 +20,23 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from . import evaluate, lora_demo, train
+from . import evaluate
 from .chat import DEFAULT_CHAT_MAX_NEW_TOKENS, Chat
-from .generate import DEFAULT_MAX_NEW_TOKENS, Sampler, check_max_new_tokens, stream
-from .hub import DEFAULT_CHECKPOINT
+from .generate import DEFAULT_MAX_NEW_TOKENS, stream
+from .hardware import pick_device
+from .loading.hub import DEFAULT_CHECKPOINT
+from .recipes import lora_demo, train_tiny
+from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
-from .weights import from_pretrained
+from .loading import from_pretrained
 
 PROG = "python -m minqwen"
+GENERATE_SAMPLING = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # greedy
 # Qwen's recommended sampling for its instruct models (their generation_config.json).
-CHAT_SAMPLING = dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+CHAT_SAMPLING = GenerationConfig(
+    max_new_tokens=DEFAULT_CHAT_MAX_NEW_TOKENS, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05
+)
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -40,7 +48,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint and --dtype: which weights to load and in which precision."""
+    """--checkpoint, --dtype and --device: which weights to load, in which precision, where."""
     parser.add_argument(
         "--checkpoint",
         default=DEFAULT_CHECKPOINT,
@@ -52,43 +60,40 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="weight precision; float32 is usually faster on CPUs without bf16 units (default: float32)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu (default: cpu)",
+    )
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, defaults: dict) -> None:
-    """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty and --seed."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: GenerationConfig) -> None:
+    """One flag per field of :data:`SAMPLING_FLAGS` (--max-new-tokens, --temperature, ...), defaults from ``defaults``."""
 
     def default(name: str) -> str:
-        value = defaults.get(name)
+        value = getattr(defaults, name)
         return "off" if value is None else str(value)
 
     add = parser.add_argument
-    add("--max-new-tokens", type=int, default=max_new_tokens, metavar="N", help=f"stop after N new tokens (default: {max_new_tokens})")
-    add("--temperature", type=float, default=defaults.get("temperature", 0.0), metavar="T", help=f"0 = greedy, higher = more varied (default: {defaults.get('temperature', 0)})")
-    add("--top-k", type=int, default=defaults.get("top_k"), metavar="K", help=f"sample among the K most likely tokens only (default: {default('top_k')})")
-    add("--top-p", type=float, default=defaults.get("top_p"), metavar="P", help=f"sample among the most likely tokens holding probability P only (default: {default('top_p')})")
-    add("--repetition-penalty", type=float, default=defaults.get("repetition_penalty"), metavar="R", help=f"above 1 discourages repeating tokens (default: {default('repetition_penalty')})")
-    add("--seed", type=int, default=None, help="make sampling reproducible")
+    add("--max-new-tokens", type=int, default=defaults.max_new_tokens, metavar="N", help=f"stop after N new tokens (default: {default('max_new_tokens')})")
+    add("--temperature", type=float, default=defaults.temperature, metavar="T", help=f"0 = greedy, higher = more varied (default: {default('temperature')})")
+    add("--top-k", type=int, default=defaults.top_k, metavar="K", help=f"sample among the K most likely tokens only (default: {default('top_k')})")
+    add("--top-p", type=float, default=defaults.top_p, metavar="P", help=f"sample among the most likely tokens holding probability P only (default: {default('top_p')})")
+    add("--repetition-penalty", type=float, default=defaults.repetition_penalty, metavar="R", help=f"above 1 discourages repeating tokens (default: {default('repetition_penalty')})")
+    add("--seed", type=int, default=defaults.seed, help="make sampling reproducible")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The sampling settings from the parsed flags, checked before anything slow happens."""
-    options = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
-    Sampler(**options)  # raises ValueError on a bad setting
-    check_max_new_tokens(args.max_new_tokens)
-    return options
+def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The settings the flags give, checked (``ValueError``) before anything slow happens."""
+    return GenerationConfig(**{name: getattr(args, name) for name in SAMPLING_FLAGS})
 
 
 def load(args: argparse.Namespace):
-    """The model and tokenizer named by --checkpoint, in --dtype; reports the time on stderr."""
+    """The model and tokenizer named by --checkpoint, in --dtype, on --device; reports the time on stderr."""
+    device = pick_device(args.device)  # an unusable device fails before the slow part
     start = time.perf_counter()
-    print(f"loading {args.checkpoint} ({args.dtype}) ...", file=sys.stderr, flush=True)
-    model = from_pretrained(args.checkpoint, dtype=args.dtype)
+    print(f"loading {args.checkpoint} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
+    model = from_pretrained(args.checkpoint, dtype=args.dtype).to(device)
     tokenizer = Tokenizer.from_pretrained(args.checkpoint)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model, tokenizer
@@ -97,7 +102,7 @@ def load(args: argparse.Namespace):
 # --------------------------------------------------------------------------- generate
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the text to continue")
-    add_sampling_arguments(parser, DEFAULT_MAX_NEW_TOKENS, {})
+    add_sampling_arguments(parser, GENERATE_SAMPLING)
     add_model_arguments(parser)
 
 
@@ -105,9 +110,9 @@ def run_generate(args: argparse.Namespace) -> int:
     """Print the prompt, then its continuation as it is generated, then the speed (stderr)."""
     if not args.prompt:
         raise ValueError("the prompt is empty: give some text to continue")
-    options = sampling_options(args)
+    config = generation_config_from_args(args)
     model, tokenizer = load(args)
-    pieces = stream(model, tokenizer, args.prompt, args.max_new_tokens, **options)
+    pieces = stream(model, tokenizer, args.prompt, generation_config=config)
     print(args.prompt, end="", flush=True)
     try:
         for piece in pieces:
@@ -126,7 +131,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     parser.add_argument("--context-length", type=int, default=None, metavar="N", help="tokens the conversation may use before old turns are dropped (default: the model's context)")
     parser.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
-    add_sampling_arguments(parser, DEFAULT_CHAT_MAX_NEW_TOKENS, CHAT_SAMPLING)
+    add_sampling_arguments(parser, CHAT_SAMPLING)
     add_model_arguments(parser)
 
 
@@ -146,10 +151,10 @@ def run_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
-    options = sampling_options(args)
+    config = generation_config_from_args(args)
     model, tokenizer = load(args)
     notify = lambda message: print(f"[{message}]", file=sys.stderr, flush=True)  # noqa: E731
-    chat = Chat(model, tokenizer, args.system, args.max_new_tokens, context_length=args.context_length, notify=notify, **options)
+    chat = Chat(model, tokenizer, args.system, generation_config=config, context_length=args.context_length, notify=notify)
     print(f"chatting with {args.checkpoint}: {CHAT_HELP}", file=sys.stderr, flush=True)
     while (message := read_message()) is not None:
         if message == "/reset":
@@ -194,7 +199,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("continue a prompt (greedy unless --temperature > 0)", add_generate_arguments, run_generate),
     "chat": Command("talk to the instruct model in the terminal, replies streamed", add_chat_arguments, run_chat),
     "eval": Command("perplexity of a text file, sliding window", evaluate.add_arguments, evaluate.run),
-    "train": Command("train a tiny Qwen2 from scratch (resumes; runs under torchrun too)", train.add_arguments, train.run),
+    "train": Command("train a tiny Qwen2 from scratch (resumes; runs under torchrun too)", train_tiny.add_arguments, train_tiny.run),
     "lora-demo": Command("LoRA-tune the real 0.5B on a made-up fact table, report held-out accuracy", lora_demo.add_arguments, lora_demo.run),
 }
 DEFAULT_COMMAND = "generate"  # what `python -m minqwen "prompt"` runs

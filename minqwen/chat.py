@@ -19,20 +19,20 @@ conversation outgrows the context, the oldest turns are dropped (the system prom
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from .cache import KVCache
 from .generate import (
     GenerationStep,
-    Sampler,
-    StreamDecoder,
+    IncrementalDecoder,
     TextStream,
-    check_max_new_tokens,
     context_length,
     fit_to_context,
     generate_steps,
+    generation_config_for,
 )
 from .model import Qwen2ForCausalLM
+from .sampling import GenerationConfig
 
 DEFAULT_CHAT_MAX_NEW_TOKENS = 512
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
@@ -43,7 +43,7 @@ class ChatTokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def stream_decoder(self) -> StreamDecoder: ...
+    def stream_decoder(self) -> IncrementalDecoder: ...
 
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True, tokenize: bool = False
@@ -68,11 +68,13 @@ def warn(message: str) -> None:
 class Chat:
     """Talk to ``model``: ``chat.send("Hi")`` returns the reply, ``chat.stream("Hi")`` streams it.
 
-    system: the system prompt (None: the chat template's default). Sampling settings are those of
-    :func:`minqwen.generate` (greedy by default). context_length: tokens the conversation may use
-    (default: the model's context); each prompt leaves room for ``max_new_tokens`` of reply, and
-    when it would not, the oldest user/assistant turns are dropped and ``notify`` is told why
-    (default: a ``UserWarning``).
+    system: the system prompt (None: the chat template's default). The settings of every reply
+    are a :class:`~minqwen.GenerationConfig` plus keyword shorthands, as in
+    :func:`minqwen.generate` (greedy by default, replies of up to 512 tokens; with a ``seed``,
+    each reply's draws start from it, so a conversation replays exactly). context_length: tokens
+    the conversation may use (default: the model's context); each prompt leaves room for
+    ``max_new_tokens`` of reply, and when it would not, the oldest user/assistant turns are
+    dropped and ``notify`` is told why (default: a ``UserWarning``).
     """
 
     def __init__(
@@ -80,29 +82,33 @@ class Chat:
         model: Qwen2ForCausalLM,
         tokenizer: ChatTokenizer,
         system: str | None = None,
-        max_new_tokens: int = DEFAULT_CHAT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
+        max_new_tokens: int | None = None,
+        *,
+        generation_config: GenerationConfig | None = None,
         context_length: int | None = None,
         notify: Callable[[str], None] = warn,
+        **settings: Any,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
-        self.sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
+        self.generation_config = generation_config_for(
+            generation_config, DEFAULT_CHAT_MAX_NEW_TOKENS, max_new_tokens=max_new_tokens, **settings
+        )
         self.context_length = check_context_length(model, context_length)
-        self.max_new_tokens = check_max_new_tokens(max_new_tokens)
-        if not 0 < max_new_tokens < self.context_length:
+        if not 0 < self.max_new_tokens < self.context_length:
             raise ValueError(
-                f"max_new_tokens must be between 1 and context_length - 1 = {self.context_length - 1}, got {max_new_tokens}"
+                f"max_new_tokens must be between 1 and context_length - 1 = {self.context_length - 1}, got {self.max_new_tokens}"
             )
         self.notify = notify
         self.turns: list[Message] = []  # user and assistant messages, oldest first
         self._cache: KVCache | None = None  # keys/values of ``_cached_ids``, reused next turn
         self._cached_ids: list[int] = []
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest reply, in tokens (``generation_config.max_new_tokens``)."""
+        return self.generation_config.max_new_tokens
 
     @property
     def messages(self) -> list[Message]:
@@ -130,7 +136,7 @@ class Chat:
         prompt = self.fit_prompt(user)
         max_new = fit_to_context(self.model, [prompt], self.max_new_tokens)
         cache = self.reusable_cache(prompt, len(prompt) + max_new)
-        steps = generate_steps(self.model, [prompt], max_new, self.sampler, cache=cache)
+        steps = generate_steps(self.model, [prompt], max_new, generation_config=self.generation_config, cache=cache)
         return TextStream(self._remember(steps, user, prompt, cache), self.tokenizer)
 
     # ------------------------------------------------------------------ prompt and history

@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``python -m minqwen eval``: print perplexity, NLL and bits per byte of a text file."""
     from .tokenizer import Tokenizer
-    from .weights import from_pretrained
+    from .loading import from_pretrained
 
     path = Path(args.text)
     if not path.is_file():

@@ -209,9 +209,9 @@ def check_exercise_top_p(top_p_distribution: Callable[..., Any]) -> bool:
 
     ``probs`` (..., vocab) sums to 1 over the last dim. Keep the most likely tokens until their
     total reaches ``p`` (the token that crosses ``p`` stays; the top token always stays), zero
-    the rest and renormalise. Compared with :func:`minqwen.generate.top_p_filter`.
+    the rest and renormalise. Compared with :func:`minqwen.sampling.top_p_filter`.
     """
-    from .generate import top_p_filter
+    from .sampling import top_p_filter
 
     def expected(probs: torch.Tensor, p: float) -> torch.Tensor:
         return top_p_filter(probs.log(), p).softmax(dim=-1)
@@ -327,9 +327,9 @@ def check_exercise_previous_token_score(previous_token_score: Callable[..., Any]
 
 # --------------------------------------------------------------------------- 13 training
 def check_exercise_cosine_lr(cosine_lr: Callable[..., Any]) -> bool:
-    """Notebook 13: ``cosine_lr(step, steps, warmup_steps, lr, min_lr)`` equals :func:`minqwen.train.cosine_lr`
+    """Notebook 13: ``cosine_lr(step, steps, warmup_steps, lr, min_lr)`` equals :func:`minqwen.training.cosine_lr`
     at every step of a short schedule: linear warm-up to ``lr``, then a cosine down to ``min_lr``."""
-    from .train import cosine_lr as expected
+    from .training import cosine_lr as expected
 
     def schedule(fn: Callable[..., Any]) -> Callable[..., torch.Tensor]:
         return lambda steps, warmup: torch.tensor([float(fn(s, steps, warmup, 1e-3, 1e-4)) for s in range(steps)])

@@ -1,13 +1,13 @@
-"""Turning next-token logits into text: KV-cache decoding, sampling, batches and streaming.
+"""Turning next-token logits into text: KV-cache decoding, batches and streaming.
 
 A causal LM only ever predicts one token. Generation is the loop around it:
 
 1. **Prefill** -- run the whole prompt once; the KV cache keeps every layer's keys and values.
 2. **Decode** -- feed only the newest token; attention reads the earlier ones from the cache.
    Each step costs one token's worth of compute instead of a full re-run of the sequence.
-3. **Choose** the next token from the last position's logits: the most likely one (greedy, at
-   ``temperature == 0``), or a sample after the usual controls -- repetition penalty,
-   temperature, top-k and top-p (nucleus, Holtzman et al. 2019), applied in HF's order.
+3. **Choose** the next token from the last position's logits, as a
+   :class:`~minqwen.sampling.GenerationConfig` says: greedy by default, or a sample
+   (:mod:`minqwen.sampling` holds the settings, the filters and the sampler).
 4. **Stop** at a stop id (by default the checkpoint's EOS ids, e.g. ``<|im_end|>`` and
    ``<|endoftext|>``), after ``max_new_tokens``, or when the context is full.
 
@@ -19,129 +19,20 @@ at 0 on each row's first real token -- so each row computes what it would comput
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
 from .cache import KVCache
 from .model import Qwen2ForCausalLM
+from .sampling import GenerationConfig, Sampler, generation_config
+from .sampling import apply_repetition_penalty, top_k_filter, top_p_filter  # noqa: F401  (their home before minqwen.sampling)
 
-DEFAULT_MAX_NEW_TOKENS = 64
-
-
-# --------------------------------------------------------------------------- sampling controls
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row, set the rest to -inf. logits (..., vocab).
-
-    Ties with the k-th value are kept (as in HF's ``TopKLogitsWarper``).
-    """
-    if k >= logits.shape[-1]:
-        return logits
-    kth_largest = logits.topk(k, dim=-1).values[..., -1:]  # (..., 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the most likely tokens until their probability reaches ``p``.
-
-    A token survives if the tokens ranked above it hold less than ``p`` of the probability, so
-    the top token always survives. logits (..., vocab) -> same shape, dropped tokens at -inf.
-    """
-    if p >= 1.0:
-        return logits  # everything survives; skipping avoids cumulative-sum rounding at 1.0
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.float().softmax(dim=-1)
-    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of better-ranked tokens
-    drop_sorted = mass_above >= p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already in the sequence less likely (CTRL, Keskar et al. 2019; HF's rule).
-
-    A seen token's positive logit is divided by ``penalty``, a negative one multiplied by it.
-    logits (batch, vocab); seen (batch, vocab) bool, True where the token occurred.
-    """
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-@dataclass
-class Sampler:
-    """How the next token is picked from logits; validates the settings when created.
-
-    ``temperature == 0`` is greedy (argmax; top-k/top-p then change nothing). Otherwise the
-    logits go through repetition penalty, temperature, top-k and top-p, and one token is drawn.
-    ``seed`` makes the draws reproducible without touching PyTorch's global random state.
-    """
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p!r}")
-        if self.repetition_penalty is not None and not (
-            isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0
-        ):
-            raise ValueError(f"repetition_penalty must be a number > 0 (1 = none), got {self.repetition_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-
-    @property
-    def is_greedy(self) -> bool:
-        """True when the choice is a plain argmax."""
-        return self.temperature == 0
-
-    def filtered_logits(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """logits (batch, vocab) after penalty, temperature, top-k and top-p, in float32."""
-        logits = logits.float()
-        if self.repetition_penalty is not None and seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
-        if self.is_greedy:
-            return logits
-        logits = logits / self.temperature
-        if self.top_k is not None:
-            logits = top_k_filter(logits, self.top_k)
-        if self.top_p is not None:
-            logits = top_p_filter(logits, self.top_p)
-        return logits
-
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """The next token of each row: logits (batch, vocab) -> ids (batch,)."""
-        logits = self.filtered_logits(logits, seen)
-        if self.is_greedy:
-            return logits.argmax(dim=-1)
-        probs = logits.softmax(dim=-1)  # (batch, vocab)
-        return torch.multinomial(probs, num_samples=1, generator=self._random(probs.device)).squeeze(-1)
-
-    def _random(self, device: torch.device) -> torch.Generator | None:
-        """The seeded generator (made on first use, on the logits' device), or None: global RNG."""
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
+DEFAULT_MAX_NEW_TOKENS = 64  # when neither the call nor its GenerationConfig says
 
 
 # --------------------------------------------------------------------------- checking inputs
-def check_max_new_tokens(max_new_tokens: int) -> int:
-    """``max_new_tokens`` as an int >= 0, or a ``ValueError`` saying what is wrong."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    return max_new_tokens
-
-
 def as_prompts(input_ids: Any) -> tuple[list[list[int]], bool]:
     """Normalise one prompt or a batch to a list of id lists; also say whether it was a batch.
 
@@ -238,28 +129,41 @@ def last_logits(
 def generate_steps(
     model: Qwen2ForCausalLM,
     prompts: list[list[int]],
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    sampler: Sampler | None = None,
-    stop_token_ids: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    generation_config: GenerationConfig | None = None,
     use_cache: bool = True,
     cache: KVCache | None = None,
+    **settings: Any,
 ) -> Iterator[GenerationStep]:
     """The loop under :func:`generate`, :func:`stream` and :class:`~minqwen.Chat`: one step per token.
 
-    prompts: lists of token ids (left-padded into one batch). ``use_cache=False`` recomputes the
-    whole sequence at every step (slow; the reference the cache is tested against). ``cache``: a
-    single prompt's cache to continue from; it must hold the keys and values of the prompt's
-    first ``cache.length`` tokens (Chat reuses the conversation so far this way) and have room
-    for the rest of the prompt plus ``max_new_tokens``. Stops when every row hit a stop id,
-    after ``max_new_tokens`` steps, or when the context is full. Inputs are checked here, when
-    the iterator is made, not at its first step.
+    prompts: lists of token ids (left-padded into one batch). The settings are
+    ``generation_config`` with ``max_new_tokens`` and any :class:`GenerationConfig` field given as
+    a keyword (``stop_token_ids=[]``, ``temperature=0.7``, ...) on top. ``use_cache=False``
+    recomputes the whole sequence at every step (slow; the reference the cache is tested
+    against). ``cache``: a single prompt's cache to continue from; it must hold the keys and
+    values of the prompt's first ``cache.length`` tokens (Chat reuses the conversation so far
+    this way) and have room for the rest of the prompt plus ``max_new_tokens``. Stops when every
+    row hit a stop id, after ``max_new_tokens`` steps, or when the context is full. Inputs are
+    checked here, when the iterator is made, not at its first step.
     """
+    config = generation_config_for(generation_config, max_new_tokens=max_new_tokens, **settings)
     check_prompts(prompts, model.config.vocab_size)
-    max_new_tokens = fit_to_context(model, prompts, check_max_new_tokens(max_new_tokens))
-    stops = default_stop_ids(model) if stop_token_ids is None else set(stop_token_ids)
-    ids, mask, positions = (t.to(model.lm_head.weight.device) for t in padded_batch(prompts, max_new_tokens))
+    steps = fit_to_context(model, prompts, config.max_new_tokens)
+    stops = default_stop_ids(model) if config.stop_token_ids is None else set(config.stop_token_ids)
+    ids, mask, positions = (t.to(model.model.embed_tokens.weight.device) for t in padded_batch(prompts, steps))
     cache = prepare_cache(model, prompts, ids.shape[1], use_cache, cache)
-    return decode_loop(model, ids, mask, positions, max_new_tokens, sampler or Sampler(), stops, cache)
+    return decode_loop(model, ids, mask, positions, steps, Sampler(config), stops, cache)
+
+
+def generation_config_for(
+    config: GenerationConfig | None, default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **settings: Any
+) -> GenerationConfig:
+    """The settings of one call: ``config`` with the keyword ``settings`` on top, and
+    ``max_new_tokens`` filled in with the entry point's default when neither gave it."""
+    config = generation_config(config, **settings)
+    return config if config.max_new_tokens is not None else config.updated(max_new_tokens=default_max_new_tokens)
 
 
 @torch.no_grad()
@@ -276,7 +180,7 @@ def decode_loop(
     """Fill the generated columns of ``ids`` (from :func:`padded_batch`) one step at a time."""
     batch, end = ids.shape[0], ids.shape[1] - max_new_tokens  # end: columns filled so far
     has_padding = not bool(mask[:, :end].all())
-    seen = seen_tokens(ids[:, :end], mask[:, :end], model.config.vocab_size) if sampler.repetition_penalty else None
+    seen = seen_tokens(ids[:, :end], mask[:, :end], model.config.vocab_size) if sampler.config.repetition_penalty else None
     stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=ids.device)
     running = torch.ones(batch, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
@@ -331,36 +235,35 @@ def seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch
 def generate(
     model: Qwen2ForCausalLM,
     input_ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop_token_ids: Sequence[int] | None = None,
-    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    generation_config: GenerationConfig | None = None,
     use_cache: bool = True,
+    **settings: Any,
 ) -> list[int] | list[list[int]]:
     """Continue token ids; return only the new ids (a stop id ends a row and is left out).
 
     input_ids: one prompt (list of ints or 1-D tensor) -> a list of new ids; a batch (list of
-    lists of any lengths, or a 2-D tensor) -> one list per prompt. ``temperature=0`` is greedy;
-    otherwise ``top_k``, ``top_p`` and ``repetition_penalty`` shape the distribution and
-    ``seed`` makes the draws reproducible. ``stop_token_ids`` defaults to the checkpoint's EOS
-    ids (``[]`` never stops early). Generation also ends when the context is full.
-    Bad settings raise ``ValueError`` before any compute.
+    lists of any lengths, or a 2-D tensor) -> one list per prompt. The settings are a
+    :class:`GenerationConfig`; keywords are a shorthand for its fields and win over it:
+    ``generate(model, ids, 32, temperature=0.7, top_p=0.8, seed=0)``. Greedy by default, at most
+    64 new tokens, stopping at the checkpoint's EOS ids (``stop_token_ids=[]`` never stops early)
+    or when the context is full. Bad settings raise ``ValueError`` before any compute.
     """
     prompts, batched = as_prompts(input_ids)
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_steps(model, prompts, max_new_tokens, sampler, stop_token_ids, use_cache):
+    steps = generate_steps(
+        model, prompts, max_new_tokens, generation_config=generation_config, use_cache=use_cache, **settings
+    )
+    for step in steps:
         for row, token in enumerate(step.token_ids):
             if token is not None:
                 outputs[row].append(token)
     return outputs if batched else outputs[0]
 
 
-class StreamDecoder(Protocol):
-    """What :func:`stream` needs from ``tokenizer.stream_decoder()``."""
+class IncrementalDecoder(Protocol):
+    """What :func:`stream` needs from ``tokenizer.stream_decoder()`` (a ``minqwen.tokenizer.StreamDecoder``)."""
 
     def push(self, token_id: int) -> str: ...
 
@@ -372,7 +275,7 @@ class TextTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def stream_decoder(self) -> StreamDecoder: ...
+    def stream_decoder(self) -> IncrementalDecoder: ...
 
 
 class TextStream:
@@ -449,15 +352,12 @@ def stream(
     model: Qwen2ForCausalLM,
     tokenizer: TextTokenizer,
     prompt: str | Sequence[int],
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop_token_ids: Sequence[int] | None = None,
-    seed: int | None = None,
+    max_new_tokens: int | None = None,
+    *,
+    generation_config: GenerationConfig | None = None,
+    **settings: Any,
 ) -> TextStream:
-    """Generate from one prompt and yield text as it is decoded (see :func:`generate`).
+    """Generate from one prompt and yield text as it is decoded (settings as in :func:`generate`).
 
     ``prompt`` is text (encoded with ``tokenizer``, no special tokens) or token ids.
     ``for piece in minqwen.stream(model, tok, "def fib(n):"): print(piece, end="", flush=True)``
@@ -469,5 +369,6 @@ def stream(
     prompts, batched = as_prompts(prompt)
     if batched:
         raise ValueError("stream() takes one prompt; use generate() for a batch")
-    sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)
-    return TextStream(generate_steps(model, prompts, max_new_tokens, sampler, stop_token_ids), tokenizer)
+    steps = generate_steps(model, prompts, max_new_tokens, generation_config=generation_config, **settings)
+    return TextStream(steps, tokenizer)
+

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .weights import atomic_directory, read_safetensors
+from .loading.files import atomic_directory
+from .loading.weights import read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

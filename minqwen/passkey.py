@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +28,12 @@ from typing import Any, Sequence
 import torch
 
 from .cache import KVCache
-from .generate import Sampler, generate_steps
-from .hub import DEFAULT_CHECKPOINT
+from .generate import generate_steps
+from .hardware import peak_rss_mb
+from .loading.hub import DEFAULT_CHECKPOINT
 from .model import Qwen2ForCausalLM
 from .tokenizer import Tokenizer
-from .weights import from_pretrained
+from .loading import from_pretrained
 
 METHODS = ("rope", "yarn", "dca")
 INTRO = (
@@ -131,7 +131,7 @@ def run_passkey(
     prefill(model, ids[:-1], cache)
     prefill_seconds = time.perf_counter() - start
     new_ids = []
-    for step in generate_steps(model, [ids], NEW_TOKENS, Sampler(), stop_token_ids=tokenizer.eos_token_ids, cache=cache):
+    for step in generate_steps(model, [ids], NEW_TOKENS, stop_token_ids=tokenizer.eos_token_ids, cache=cache):
         new_ids += [t for t in step.token_ids if t is not None]
     answer = tokenizer.decode(new_ids)
     return PasskeyResult(
@@ -144,7 +144,7 @@ def run_passkey(
         found=passkey in answer,
         prefill_seconds=round(prefill_seconds, 1),
         total_seconds=round(time.perf_counter() - start, 1),
-        peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        peak_rss_gb=round(peak_rss_mb() / 2**10, 2),
     )
 
 

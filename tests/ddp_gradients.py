@@ -6,7 +6,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from minqwen.train import CausalLMLoss, Processes, TextData, TrainConfig, new_model
+from minqwen.recipes.train_tiny import TextData, TrainConfig, new_model
+from minqwen.training import CausalLMLoss, Processes
 
 
 def main(out_path: str, config: TrainConfig) -> None:

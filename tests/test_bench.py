@@ -1,15 +1,18 @@
-"""The benchmark's bookkeeping (configs, bytes per token, medians, ratios, targets, table, JSON) and
-one real end-to-end run on a tiny checkpoint: fresh worker processes for minqwen and HF."""
+"""benchmarks/bench.py's bookkeeping (configs, bytes per token, medians, ratios, targets, table, JSON),
+minqwen.hardware's figures, and one real end-to-end run on a tiny checkpoint: fresh worker
+processes for minqwen and HF."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_model, tiny_config
 
 import minqwen
-from minqwen import bench
-from minqwen.bench import Report, RunConfig, Settings
+from benchmarks import bench
+from benchmarks.bench import Report, RunConfig, Settings
+from minqwen import hardware
 from minqwen.quant import quantize
 
 
@@ -45,12 +48,21 @@ def test_bytes_per_token_counts_every_weight_but_an_untied_embedding():
 def test_machine_info_names_the_cpu_capability():
     info = bench.machine_info()
     assert info["cpu"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(info["cpu"]["flags"]) <= set(bench.CPU_FLAGS)
+    assert set(info["cpu"]["flags"]) <= set(hardware.CPU_FLAGS)
     assert info["torch"] == torch.__version__
 
 
 def test_measure_bandwidth_is_a_plausible_number():
-    assert 0.1 < bench.measure_bandwidth(megabytes=64, repeats=3) < 10_000
+    assert 0.1 < hardware.measure_bandwidth(megabytes=64, repeats=3) < 10_000
+
+
+def test_peak_rss_is_the_kernels_high_water_mark_in_mib():
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("needs Linux's /proc/self/status to compare with")
+    torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: the peak may move
+    high_water_kib = int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert hardware.peak_rss_mb() == pytest.approx(high_water_kib / 1024, abs=1)
 
 
 def fake_report() -> Report:
@@ -135,7 +147,7 @@ def test_a_failing_worker_is_reported_not_fatal(tmp_path):
 
 
 def test_tokenizer_subcommand_delegates(monkeypatch):
-    from minqwen import tokenizer_bench
+    from benchmarks import tokenizer_bench
 
     seen = []
     monkeypatch.setattr(tokenizer_bench, "main", lambda argv: seen.append(argv))

@@ -132,7 +132,9 @@ def test_stream_yields_the_reply_text(model, tokenizer):
 
 def test_sampled_chat_is_reproducible_with_a_seed(model, tokenizer):
     replies = [Chat(model, tokenizer, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5).send("hi") for _ in range(2)]
-    assert replies[0] == replies[1]
+    config = minqwen.GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    replies.append(Chat(model, tokenizer, generation_config=config).send("hi"))
+    assert replies[0] == replies[1] == replies[2]
 
 
 @pytest.mark.parametrize(
@@ -163,6 +165,10 @@ def test_stream_counts_tokens_and_reports_speed(model, tokenizer):
     assert pieces.token_ids == minqwen.generate(model, tokenizer.encode("Hello"), 5, stop_token_ids=[])
     assert pieces.text() == text and list(pieces) == []  # a finished stream just returns its text
     assert pieces.stats().startswith("5 tokens, first after") and pieces.tokens_per_second > 0
+    sampled = minqwen.GenerationConfig(max_new_tokens=6, temperature=1.0, seed=2, stop_token_ids=[])
+    streamed = minqwen.stream(model, tokenizer, "Hello", generation_config=sampled)
+    streamed.text()
+    assert streamed.token_ids == minqwen.generate(model, tokenizer.encode("Hello"), generation_config=sampled)
     with pytest.raises(ValueError, match="the prompt is empty"):
         minqwen.stream(model, tokenizer, "")
     with pytest.raises(ValueError, match="one prompt"):
@@ -179,5 +185,5 @@ def test_real_model_remembers_the_conversation(real_model_fp32, tokenizer):
     chat = Chat(real_model_fp32, tokenizer, max_new_tokens=24)
     chat.send("My name is Ada. Reply with just: OK")
     assert "Ada" in chat.send("What is my name? Answer in one short sentence.")
-    assert minqwen.Chat is Chat and isinstance(chat.turns[-1]["content"], str)
+    assert chat.turns[-1]["role"] == "assistant" and chat.turns[-1]["content"]
     assert torch.is_grad_enabled()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from minqwen.__main__ import COMMANDS, main
 
@@ -102,6 +103,13 @@ def test_bare_prompt_means_generate(tiny_checkpoint, capsys, monkeypatch):
     assert bare[0] == 0 and bare[1] == explicit[1]
 
 
+def test_device_auto_picks_an_available_device(tiny_checkpoint, capsys, monkeypatch):
+    code, out, err = run_main(["Hello world", "--max-new-tokens", "3", "--checkpoint", tiny_checkpoint, "--device", "auto"], capsys, monkeypatch)
+    assert code == 0 and out.startswith("Hello world")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert f"(float32, {expected}" in err
+
+
 def test_sampling_flags_with_a_seed_are_reproducible(tiny_checkpoint, capsys, monkeypatch):
     flags = ["Hi", "--max-new-tokens", "8", "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--checkpoint", tiny_checkpoint]
     first = run_main(flags, capsys, monkeypatch)
@@ -118,6 +126,9 @@ def test_sampling_flags_with_a_seed_are_reproducible(tiny_checkpoint, capsys, mo
         (["generate", ""], "the prompt is empty"),
         (["chat", "--repetition-penalty", "0"], "repetition_penalty must be"),
         (["hi", "--checkpoint", "no/such/dir/or-name"], "no/such/dir/or-name"),
+        (["hi", "--device", "meta"], "unknown device 'meta'"),
+        pytest.param(["chat", "--device", "cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        pytest.param(["hi", "--device", "mps"], "MPS is not available", marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     ],
 )
 def test_bad_values_exit_1_with_one_line(args, fragment, capsys, monkeypatch):
@@ -143,7 +154,7 @@ def test_help_reads_well(capsys, monkeypatch):
     code, out, _ = run_main(["--help"], capsys, monkeypatch)
     assert code == 0 and "generate" in out and "chat" in out and "python -m minqwen" in out
     code, out, _ = run_main(["generate", "--help"], capsys, monkeypatch)
-    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--checkpoint"):
+    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--checkpoint", "--device"):
         assert flag in out
 
 

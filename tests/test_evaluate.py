@@ -13,7 +13,8 @@ from helpers import hf_twin, random_model, tiny_config
 from test_train import tiny_run
 
 from minqwen.evaluate import perplexity, windows
-from minqwen.train import checkpoint_dirs, train
+from minqwen.recipes.train_tiny import train
+from minqwen.training import checkpoint_dirs
 
 
 def test_windows_score_every_token_but_the_first_exactly_once() -> None:

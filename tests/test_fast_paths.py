@@ -13,7 +13,7 @@ from torch import nn
 
 import minqwen
 from minqwen import linear
-from minqwen.weights import load_hf_dir
+from minqwen.loading.weights import load_hf_dir
 from minqwen.linear import CPULinear, gemm_dtype, use_cpu_linears
 
 

@@ -1,22 +1,16 @@
-"""Generation on tiny random models: KV cache vs recomputation, HF parity, batches, sampling, errors."""
+"""Generation on tiny random models: KV cache vs recomputation, HF parity, batches, sampling,
+GenerationConfig and its keyword shorthand, errors."""
+
+import copy
 
 import pytest
 import torch
 from helpers import assert_close, hf_twin, random_model, tiny_config
 from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-import minqwen
-from minqwen.generate import (
-    Sampler,
-    apply_repetition_penalty,
-    as_prompts,
-    default_stop_ids,
-    generate,
-    generate_steps,
-    padded_batch,
-    top_k_filter,
-    top_p_filter,
-)
+from minqwen import GenerationConfig
+from minqwen.generate import DEFAULT_MAX_NEW_TOKENS, as_prompts, default_stop_ids, generate, generate_steps, padded_batch
+from minqwen.sampling import Sampler, apply_repetition_penalty, top_k_filter, top_p_filter
 
 VOCAB = 257
 
@@ -186,6 +180,28 @@ def test_seeded_sampling_is_reproducible_and_leaves_global_rng_alone(model):
     assert generate(model, prompt, 20, seed=8, **settings) != first
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")),
+        pytest.param("mps", marks=pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no Apple MPS here")),
+    ],
+)
+def test_generation_runs_on_the_models_device_and_seeds_reproduce_there(model, device):
+    on_device = copy.deepcopy(model).to(device)
+    prompts = random_prompts([5, 2], seed=12)
+    sampled = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, repetition_penalty=1.1, seed=3, stop_token_ids=[])
+    first = generate(on_device, prompts, generation_config=sampled)
+    assert generate(on_device, prompts, generation_config=sampled) == first
+    assert all(len(row) == 10 for row in first)
+    steps = list(generate_steps(on_device, prompts[:1], 6, stop_token_ids=[]))
+    reference = list(generate_steps(model, prompts[:1], 6, stop_token_ids=[]))
+    assert steps[0].logits.device.type == device
+    logits = torch.stack([s.logits for s in steps]).cpu()
+    torch.testing.assert_close(logits, torch.stack([s.logits for s in reference]), atol=1e-4, rtol=1e-4)
+
+
 def test_unseeded_sampling_follows_torch_manual_seed(model):
     prompt = random_prompts([5])[0]
     torch.manual_seed(5)
@@ -216,6 +232,31 @@ def test_batched_sampling_rows_are_independent_draws(model):
     assert len({tuple(r) for r in rows}) > 1
 
 
+# --------------------------------------------------------------------------- GenerationConfig
+def test_generation_config_equals_its_keyword_shorthand_and_keywords_win(model):
+    prompt = random_prompts([5], seed=11)[0]
+    settings = dict(temperature=0.9, top_k=30, top_p=0.9, repetition_penalty=1.2, seed=4, stop_token_ids=[])
+    config = GenerationConfig(max_new_tokens=12, **settings)
+    by_config = generate(model, prompt, generation_config=config)
+    assert len(by_config) == 12
+    assert by_config == generate(model, prompt, 12, **settings)
+    assert generate(model, prompt, 5, generation_config=config) == by_config[:5]  # max_new_tokens wins
+    greedy = generate(model, prompt, 12, stop_token_ids=[])
+    assert generate(model, prompt, generation_config=config, temperature=0, repetition_penalty=None) == greedy
+    assert len(generate(model, prompt, stop_token_ids=[])) == DEFAULT_MAX_NEW_TOKENS
+    with pytest.raises(TypeError, match="unknown generation setting 'temprature'"):
+        generate(model, prompt, temprature=0.5)
+    with pytest.raises(TypeError, match="must be a minqwen.GenerationConfig"):
+        generate(model, prompt, generation_config={"temperature": 0.5})
+
+
+def test_generation_config_stores_stop_ids_immutably():
+    config = GenerationConfig(stop_token_ids=[3, 7])
+    assert config.stop_token_ids == (3, 7) and hash(config) == hash(GenerationConfig(stop_token_ids=(3, 7)))
+    assert config.updated(temperature=0.5) == GenerationConfig(temperature=0.5, stop_token_ids=(3, 7))
+    assert config.updated(max_new_tokens=None) is config  # None means "not given"
+
+
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "settings,message",
@@ -226,6 +267,8 @@ def test_batched_sampling_rows_are_independent_draws(model):
         (dict(top_k=0), "top_k must be an integer >= 1"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be"),
         (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+        (dict(stop_token_ids=["<|im_end|>"]), "stop_token_ids must be token ids"),
+        (dict(seed=1.5), "seed must be an integer"),
     ],
 )
 def test_bad_settings_raise_value_error(model, settings, message):
@@ -252,7 +295,7 @@ def test_bad_settings_fail_before_any_compute(model):
     handle = model.register_forward_hook(lambda *args: calls.append(1))
     try:
         with pytest.raises(ValueError):
-            generate_steps(model, [[1, 2]], 5, Sampler(top_k=-1))
+            generate_steps(model, [[1, 2]], 5, top_k=-1)
         with pytest.raises(ValueError):
             generate_steps(model, [[]], 5)
     finally:
@@ -267,6 +310,3 @@ def test_as_prompts_forms():
     with pytest.raises(ValueError, match="integer ids"):
         as_prompts(torch.zeros(2, 2))
 
-
-def test_public_api():
-    assert minqwen.generate is generate

@@ -12,8 +12,7 @@ from helpers import tiny_model_with_qwen_vocab
 import minqwen
 from minqwen import lora
 from minqwen.loss import IGNORE_INDEX
-from minqwen.train import CausalLMLoss, train_step
-from minqwen.lora_demo import (
+from minqwen.recipes.lora_demo import (
     DemoConfig,
     answer,
     collate,
@@ -24,6 +23,7 @@ from minqwen.lora_demo import (
     run_demo,
     to_zorbish,
 )
+from minqwen.training import CausalLMLoss, train_step
 
 @pytest.fixture(scope="module")
 def tokenizer() -> minqwen.Tokenizer:

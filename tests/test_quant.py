@@ -20,7 +20,7 @@ from minqwen.quant import (
     quantize_int8,
 )
 from minqwen.linear import use_cpu_linears
-from minqwen.weights import load_hf_dir
+from minqwen.loading.weights import load_hf_dir
 
 
 # --------------------------------------------------------------------------- quantize_int8

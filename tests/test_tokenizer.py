@@ -21,7 +21,7 @@ from minqwen.bpe import (
     token_to_bytes,
 )
 from minqwen.tokenizer import QWEN2_PATTERN, AddedToken, Tokenizer, train_bpe
-from minqwen.tokenizer_bench import build_corpus
+from benchmarks.tokenizer_bench import build_corpus
 
 TRAINING_TEXT = build_corpus(6_000, seed=1)  # a few KB of mixed scripts, code, emoji
 QWEN25_TEMPLATE = (  # the no-tools part of Qwen2.5's template, enough for the default system prompt

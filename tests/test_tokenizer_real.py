@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from minqwen import hub
 from minqwen.bpe import tiktoken_compatible
 from minqwen.tokenizer import Tokenizer
-from minqwen.tokenizer_bench import build_corpus, run_benchmark
+from benchmarks.tokenizer_bench import build_corpus, run_benchmark
 
 CONVERSATIONS = [
     ([{"role": "user", "content": "Write a haiku about tokenizers."}], True),

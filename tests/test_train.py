@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import math
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,18 +19,9 @@ from helpers import assert_exercise_check, random_model, tiny_config
 import minqwen
 from minqwen.exercises import check_exercise_cosine_lr
 from minqwen.loss import lm_loss
-from minqwen.train import (
-    STATE_FILE,
-    CausalLMLoss,
-    TextData,
-    TrainConfig,
-    byte_tokenizer,
-    checkpoint_dirs,
-    lr_at,
-    make_optimizer,
-    train,
-    train_step,
-)
+from minqwen.recipes import add_dataclass_arguments, dataclass_from_args
+from minqwen.recipes.train_tiny import TextData, TrainConfig, byte_tokenizer, lr_at, train
+from minqwen.training import STATE_FILE, CausalLMLoss, checkpoint_dirs, make_optimizer, train_step
 
 # A run small enough to take a second or two: 2 layers of width 32, 32-byte windows.
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
@@ -134,7 +128,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path: Path) -> None:
     train(uninterrupted)
 
     interrupted = tiny_run(tmp_path / "killed", steps=steps, checkpoint_every=10, eval_every=1000)
-    command = [sys.executable, "-m", "minqwen.train", *cli_args(interrupted)]
+    command = [sys.executable, "-m", "minqwen", "train", *cli_args(interrupted)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if line.startswith("checkpoint step 20 "):
@@ -211,3 +205,38 @@ def test_exercise_cosine_lr(capsys) -> None:
         return lr
 
     assert_exercise_check(check_exercise_cosine_lr, answer, wrong, capsys, match="warm-up \\+ cosine schedule")
+
+
+@dataclass
+class Flags:
+    verbose: bool = field(default=True, metadata={"help": "say more"})
+    steps: int = field(default=3, metadata={"help": "how many"})
+    lr: float = 0.5
+    name: str = "run"
+
+
+def test_dataclass_flags_parse_booleans_and_types() -> None:
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Flags)
+    parse = lambda *argv: dataclass_from_args(Flags, parser.parse_args(argv))  # noqa: E731
+    assert parse() == Flags()
+    assert parse("--verbose", "False", "--steps", "7", "--lr", "0.1", "--name", "x") == Flags(False, 7, 0.1, "x")
+    assert parse("--verbose", "yes").verbose is True and parse("--verbose", "0").verbose is False
+    with pytest.raises(SystemExit):
+        parse("--verbose", "maybe")
+    assert "say more (default: True)" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    "old,new,name",
+    [
+        ("minqwen.train", "minqwen.recipes.train_tiny", "TrainConfig"),
+        ("minqwen.train", "minqwen.training", "train_step"),
+        ("minqwen.lora_demo", "minqwen.recipes.lora_demo", "run_demo"),
+    ],
+)
+def test_old_module_paths_warn_and_still_work(old, new, name, monkeypatch) -> None:
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=old):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)

@@ -11,8 +11,9 @@ import torch
 from test_train import STATE_FILE, cli_args, tiny_run
 
 from minqwen.loss import lm_loss
-from minqwen.train import TextData, TrainConfig, checkpoint_dirs, new_model, train
-from minqwen.weights import read_safetensors
+from minqwen.recipes.train_tiny import TextData, TrainConfig, new_model, train
+from minqwen.training import checkpoint_dirs
+from minqwen.loading.weights import read_safetensors
 
 TESTS = Path(__file__).parent
 
@@ -42,7 +43,7 @@ def test_ddp_training_run_equals_single_process_run(tmp_path: Path) -> None:
     single = tiny_run(tmp_path / "single", steps=20, checkpoint_every=10, eval_every=1000)
     train(single)
     ddp = tiny_run(tmp_path / "ddp", steps=20, checkpoint_every=10, eval_every=1000)
-    result = torchrun("-m", "minqwen.train", *cli_args(ddp))
+    result = torchrun("-m", "minqwen", "train", *cli_args(ddp))
 
     assert result.stdout.count("checkpoint step 20 ") == 1, "only rank 0 logs and checkpoints"
     assert "(2 processes)" in result.stdout

@@ -1,7 +1,7 @@
 """Tokenizer throughput: minqwen's tiktoken and Python backends next to HF ``tokenizers``.
 
-    python -m minqwen.tokenizer_bench                  # the default checkpoint, 1 MB per text
-    python -m minqwen.tokenizer_bench --megabytes 4 --text prose+code --checkpoint path/to/hf-dir
+    python -m benchmarks.tokenizer_bench             # from the repository root; 1 MB per text
+    python -m benchmarks.tokenizer_bench --megabytes 4 --text prose+code --checkpoint path/to/hf-dir
 
 Every backend encodes the same text (the same chunks, in one thread) and must return the same
 ids; the table reports MB/s of UTF-8 input. Two texts: English prose with Python code (typical
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .tokenizer import Tokenizer, tokenizer_directory
+from minqwen.tokenizer import Tokenizer, tokenizer_directory
 
 ENGLISH = [
     "The quick brown fox jumps over the lazy dog, and nobody seems to mind.",
@@ -51,140 +51,8 @@ SPECIAL_LOOKING = [
 RANDOM_BLOCKS = [(0x0370, 0x03FF), (0x0400, 0x04FF), (0x0E00, 0x0E7F), (0x2200, 0x22FF), (0x1D400, 0x1D7FF), (0x20000, 0x2A6DF)]
 
 
-PYTHON_SOURCE = r'''"""A small library catalogue: books, members, loans and a few reports."""
-
-from __future__ import annotations
-
-import csv
-import datetime as dt
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
-
-LOAN_DAYS = 21
-FINE_PER_DAY = 0.25  # in euros
-
-
-@dataclass
-class Book:
-    isbn: str
-    title: str
-    author: str
-    year: int
-    copies: int = 1
-    tags: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return f"{self.title} by {self.author} ({self.year})"
-
-
-@dataclass
-class Member:
-    member_id: int
-    name: str
-    email: str
-    joined: dt.date = field(default_factory=dt.date.today)
-
-
-@dataclass
-class Loan:
-    isbn: str
-    member_id: int
-    start: dt.date
-    returned: dt.date | None = None
-
-    @property
-    def due(self) -> dt.date:
-        return self.start + dt.timedelta(days=LOAN_DAYS)
-
-    def fine(self, today: dt.date) -> float:
-        """The fine owed for this loan on ``today`` (0 when it is not late)."""
-        end = self.returned or today
-        late_days = (end - self.due).days
-        return round(max(0, late_days) * FINE_PER_DAY, 2)
-
-
-class Catalogue:
-    def __init__(self) -> None:
-        self.books: dict[str, Book] = {}
-        self.members: dict[int, Member] = {}
-        self.loans: list[Loan] = []
-
-    def add_book(self, book: Book) -> None:
-        if book.isbn in self.books:
-            self.books[book.isbn].copies += book.copies
-        else:
-            self.books[book.isbn] = book
-
-    def available(self, isbn: str) -> int:
-        on_loan = sum(1 for loan in self.loans if loan.isbn == isbn and loan.returned is None)
-        return self.books[isbn].copies - on_loan
-
-    def lend(self, isbn: str, member_id: int, today: dt.date) -> Loan:
-        if isbn not in self.books:
-            raise KeyError(f"unknown book {isbn!r}")
-        if member_id not in self.members:
-            raise KeyError(f"unknown member {member_id}")
-        if self.available(isbn) <= 0:
-            raise ValueError(f"no copy of {self.books[isbn].title!r} is available")
-        loan = Loan(isbn, member_id, today)
-        self.loans.append(loan)
-        return loan
-
-    def give_back(self, isbn: str, member_id: int, today: dt.date) -> float:
-        for loan in self.loans:
-            if loan.isbn == isbn and loan.member_id == member_id and loan.returned is None:
-                loan.returned = today
-                return loan.fine(today)
-        raise ValueError(f"member {member_id} has not borrowed {isbn!r}")
-
-    def overdue(self, today: dt.date) -> list[tuple[Member, Book, int]]:
-        rows = []
-        for loan in self.loans:
-            if loan.returned is None and loan.due < today:
-                days = (today - loan.due).days
-                rows.append((self.members[loan.member_id], self.books[loan.isbn], days))
-        return sorted(rows, key=lambda row: -row[2])
-
-    def popular_authors(self, top: int = 5) -> list[tuple[str, int]]:
-        counts = Counter(self.books[loan.isbn].author for loan in self.loans)
-        return counts.most_common(top)
-
-    def books_by_tag(self) -> dict[str, list[str]]:
-        index: dict[str, list[str]] = defaultdict(list)
-        for book in self.books.values():
-            for tag in book.tags:
-                index[tag.lower()].append(book.title)
-        return {tag: sorted(titles) for tag, titles in sorted(index.items())}
-
-
-def load_books(path: Path) -> list[Book]:
-    """Read books from a CSV file with columns isbn, title, author, year, copies, tags."""
-    books = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            tags = [tag.strip() for tag in row.get("tags", "").split(";") if tag.strip()]
-            books.append(Book(row["isbn"], row["title"], row["author"], int(row["year"]), int(row.get("copies") or 1), tags))
-    return books
-
-
-def report(catalogue: Catalogue, today: dt.date) -> str:
-    lines = [f"Report for {today:%d %B %Y}", "=" * 30]
-    for member, book, days in catalogue.overdue(today):
-        lines.append(f"- {member.name:<20} {book.title[:30]:<30} {days:>3} days late")
-    total = sum(loan.fine(today) for loan in catalogue.loans if loan.returned is None)
-    lines.append(f"Outstanding fines: {total:.2f} EUR")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    catalogue = Catalogue()
-    catalogue.add_book(Book("978-0-13-468599-1", "The C Programming Language", "Kernighan & Ritchie", 1988, 2, ["C", "classic"]))
-    catalogue.add_book(Book("978-0-262-03384-8", "Introduction to Algorithms", "Cormen et al.", 2009, 3, ["algorithms"]))
-    catalogue.members[1] = Member(1, "Ada Lovelace", "ada@example.org")
-    catalogue.lend("978-0-13-468599-1", 1, dt.date(2024, 1, 2))
-    print(report(catalogue, dt.date(2024, 3, 1)))
-'''
+# A small Python module (about 5 KB) kept as a data file, so the corpus never changes.
+PYTHON_SOURCE = (Path(__file__).parent / "data" / "library_catalogue.txt").read_text(encoding="utf-8")
 
 
 def python_sources() -> list[str]:
@@ -335,7 +203,7 @@ def format_table(results: list[BenchResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .hub import DEFAULT_CHECKPOINT
+    from minqwen.hub import DEFAULT_CHECKPOINT
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint name, .gguf file or HF directory")

@@ -1,9 +1,9 @@
 """Benchmark minqwen against Hugging Face transformers on the real checkpoint, in one run.
 
-    python -m minqwen.bench                     # the full run (about half an hour on 2 cores)
-    python -m minqwen.bench --quick             # a smoke run: one repeat, prefill 128 only
-    python -m minqwen.bench --configs minqwen-bfloat16,hf-bfloat16 --repeats 5
-    python -m minqwen.bench tokenizer [...]     # the tokenizer benchmark (minqwen.tokenizer_bench)
+    python -m benchmarks.bench                  # from the repository root (= make bench; about half an hour on 2 cores)
+    python -m benchmarks.bench --quick          # a smoke run: one repeat, prefill 128 only
+    python -m benchmarks.bench --configs minqwen-bfloat16,hf-bfloat16 --repeats 5
+    python -m benchmarks.bench tokenizer [...]  # the tokenizer benchmark (benchmarks/tokenizer_bench.py)
 
 Each configuration (engine x dtype, plus minqwen int8) runs in a fresh Python process, so load
 time and peak memory are what a user would see, and the repeats of all configurations are
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,18 @@ from typing import Any, Callable
 
 import torch
 
+from minqwen.hardware import cpu_description, measure_bandwidth, peak_rss_mb
+from minqwen.loading.files import atomic_file
+
 ENGINES = ("minqwen", "hf")
 DTYPES = ("float32", "bfloat16")
 CONFIGS = ("hf-float32", "minqwen-float32", "hf-bfloat16", "minqwen-bfloat16", "minqwen-int8")
 # The minqwen configuration a user should pick on a CPU (see the README's "Performance").
 DEFAULT_FAST_CONFIG = "minqwen-bfloat16"
 RESULT_MARKER = "BENCH_RESULT "
-# CPU features that decide which dtype is fast: AVX2/FMA (fp32), AVX-512 BF16 / AMX (bf16 GEMM), VNNI (int8).
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 PROMPT_SEED = 1234
 TEXT_TOKEN_LIMIT = 151643  # ids below this are ordinary text pieces in Qwen2's vocabulary
+REPOSITORY = Path(__file__).resolve().parents[1]  # holds benchmarks/ (and minqwen/)
 
 
 # --------------------------------------------------------------------------- what to run
@@ -90,26 +91,6 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- the machine
-def cpu_description() -> dict[str, Any]:
-    """CPU model, the flags that matter for dtype speed, and torch's view of the CPU."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return {
-        "model": model,
-        "cores": os.cpu_count(),
-        "flags": [f for f in CPU_FLAGS if f in flags],
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def machine_info() -> dict[str, Any]:
     """Everything needed to compare two runs: CPU, memory, OS and library versions."""
     info = {"cpu": cpu_description(), "python": platform.python_version(), "os": platform.platform(), "torch": torch.__version__}
@@ -124,18 +105,6 @@ def machine_info() -> dict[str, Any]:
         total_kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
         info["memory_gb"] = round(total_kb / 2**20, 1)
     return info
-
-
-def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
-    """Memory read bandwidth in GB/s: the median time to sum a buffer far larger than any cache."""
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    buffer.sum()  # touch every page once
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        seconds.append(time.perf_counter() - start)
-    return buffer.nbytes / statistics.median(seconds) / 1e9
 
 
 # --------------------------------------------------------------------------- the two engines
@@ -160,7 +129,7 @@ class MinqwenRunner:
 
     def generate(self, prompt: list[int], new_tokens: int) -> list[float]:
         """Greedy decoding that never stops early; returns the time each new token appeared."""
-        from .generate import generate_steps
+        from minqwen.generate import generate_steps
 
         return [time.perf_counter() for _ in generate_steps(self.model, [prompt], new_tokens, stop_token_ids=[])]
 
@@ -171,7 +140,7 @@ class HFRunner:
     def __init__(self, config: RunConfig, checkpoint: str) -> None:
         import transformers
 
-        from .hub import resolve
+        from minqwen.hub import resolve
 
         self.transformers, self.config = transformers, config
         self.directory = resolve(checkpoint)
@@ -222,12 +191,6 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def peak_rss_mb() -> float:
-    """The largest resident set this process has had, in MB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 # --------------------------------------------------------------------------- one worker process
 def run_worker(config: RunConfig, settings: Settings, repeat: int, load_only: bool = False) -> dict[str, Any]:
     """Measure one configuration once, in this (fresh) process; returns the figures as a dict."""
@@ -268,12 +231,19 @@ def time_to_first_token(runner: Any, prompt: list[int]) -> float:
 def spawn_worker(config: RunConfig, settings: Settings, repeat: int, load_only: bool = False) -> dict[str, Any]:
     """Run :func:`run_worker` in a fresh interpreter and return its figures (or the error)."""
     job = {"config": config.name, "settings": asdict(settings), "repeat": repeat, "load_only": load_only}
-    command = [sys.executable, "-m", "minqwen.bench", "--worker", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True, env=worker_environment())
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
     return {"config": config.name, "repeat": repeat, "error": (done.stderr or done.stdout).strip()[-3000:]}
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment, with the repository root on ``PYTHONPATH`` so that the worker
+    finds ``benchmarks`` from any working directory."""
+    paths = [str(REPOSITORY), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def worker_main(job_json: str) -> None:
@@ -414,7 +384,7 @@ def format_targets(targets: list[Target]) -> str:
 
 def run_benchmark(configs: list[RunConfig], settings: Settings, log: Callable[[str], None] = print) -> Report:
     """Warm the caches, then run every configuration ``settings.repeats`` times, interleaved."""
-    from .hub import resolve
+    from minqwen.hub import resolve
 
     resolve(settings.checkpoint)  # fetch / convert once, outside any timing
     log("warming the caches (one untimed load per configuration) ...")
@@ -433,11 +403,11 @@ def run_benchmark(configs: list[RunConfig], settings: Settings, log: Callable[[s
 
 
 def write_json(report: Report, path: Path) -> None:
-    """Write the report atomically (temporary file + rename)."""
+    """Write the report atomically: a reader never sees half a file."""
+    text = json.dumps(report.to_json(), indent=1) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def default_output() -> Path:
