@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Qwen2Attention, causal_mask
 from .cache import KVCache
 from .config import Qwen2Config
-from .dca import DualChunkRope, DualChunkSettings, check_dca_inputs
+from .dca import DualChunkSettings, use_dual_chunk_attention
 from .mlp import Qwen2MLP
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -32,7 +32,6 @@ class Qwen2DecoderLayer(nn.Module):
         self.self_attn = Qwen2Attention(config, layer_idx, attn_implementation)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen2MLP(config)
-        self.uses_sliding_window = config.layer_uses_sliding_window(layer_idx)
 
     def forward(
         self,
@@ -41,10 +40,9 @@ class Qwen2DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
-        dca: DualChunkRope | None = None,
     ) -> torch.Tensor:
         """x (batch, seq, hidden) -> (batch, seq, hidden)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, dca)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -64,8 +62,9 @@ class Qwen2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        self.dual_chunk = DualChunkSettings.from_config(config)  # None unless DCA is configured
         self.gradient_checkpointing = False  # training: recompute each layer in backward, keep only its input
+        # Long context: Dual Chunk Attention, when configured, replaces the attention modules.
+        use_dual_chunk_attention(self, DualChunkSettings.from_config(config))
 
     def forward(
         self,
@@ -77,50 +76,33 @@ class Qwen2Model(nn.Module):
         """See :meth:`Qwen2ForCausalLM.forward`; returns hidden states (batch, seq, hidden)."""
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
-        if self.dual_chunk is not None:
-            return self._dual_chunk_forward(input_ids, position_ids, attention_mask, cache)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (batch, seq, head_dim) each
-        masks = self._masks(seq, past + seq, attention_mask, x.device)
+        masks = self.causal_masks(seq, past + seq, attention_mask, x.device)
         for layer in self.layers:
+            mask = masks.get(layer.self_attn.layer_type)
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks[layer.uses_sliding_window], cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[layer.uses_sliding_window], cache)
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(seq)
         return self.norm(x)
 
-    def _dual_chunk_forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
-        """The forward with Dual Chunk Attention: positions come from the cache index."""
-        batch, seq = input_ids.shape
-        past = cache.length if cache is not None else 0
-        check_dca_inputs(position_ids, attention_mask, past, seq)
-        x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
-        dca = DualChunkRope.build(self.rotary_emb, self.dual_chunk, batch, past, seq, x.dtype, x.device)
-        for layer in self.layers:
-            x = layer(x, *dca.key, None, cache, dca)
-        if cache is not None:
-            cache.advance(seq)
-        return self.norm(x)
-
-    def _masks(
+    def causal_masks(
         self, q_len: int, kv_len: int, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> dict[bool, torch.Tensor | None]:
-        """The attention mask for full layers (key False) and sliding-window layers (key True)."""
-        full = causal_mask(q_len, kv_len, attention_mask, None, device)
-        if not self.config.use_sliding_window:
-            return {False: full, True: full}
-        window = causal_mask(q_len, kv_len, attention_mask, self.config.sliding_window, device)
-        return {False: full, True: window}
+    ) -> dict[str, torch.Tensor | None]:
+        """The attention mask of each layer type in use, keyed like HF's (see :func:`causal_mask`).
+
+        ``"full_attention"`` layers see every earlier position, ``"sliding_attention"`` layers the
+        last ``sliding_window``. A layer type not named here (an attention swapped in that masks
+        by itself) is given None, and no (q_len, kv_len) mask is built for it.
+        """
+        windows = {"full_attention": None, "sliding_attention": self.config.sliding_window}
+        in_use = {layer.self_attn.layer_type for layer in self.layers} & windows.keys()
+        return {kind: causal_mask(q_len, kv_len, attention_mask, windows[kind], device) for kind in in_use}
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -192,9 +174,11 @@ class Qwen2ForCausalLM(nn.Module):
             rope_scaling=rope_scaling,
             dual_chunk_attention_config=dual_chunk_attention_config,
         )
-        rotary, dual_chunk = RotaryEmbedding(config).to(self.lm_head.weight.device), DualChunkSettings.from_config(config)
+        rotary = RotaryEmbedding(config).to(self.lm_head.weight.device)  # checks rope_scaling
+        dual_chunk = DualChunkSettings.from_config(config)  # checks the DCA settings: nothing changed yet
         self.config = self.model.config = config
-        self.model.rotary_emb, self.model.dual_chunk = rotary, dual_chunk
+        self.model.rotary_emb = rotary
+        use_dual_chunk_attention(self.model, dual_chunk)  # installs or removes DualChunkAttention
         return self
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:

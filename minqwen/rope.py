@@ -23,7 +23,7 @@ InvFreqFn = Callable[..., tuple[torch.Tensor, float]]
 
 def default_inv_freq(config: Qwen2Config, scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
     """Plain RoPE: ``inv_freq[i] = theta ** (-2i / head_dim)``; attention factor 1."""
-    dim = config.head_size
+    dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (head_dim/2,)
     return 1.0 / (config.rope_theta**exponents), 1.0
 
@@ -44,7 +44,7 @@ def dynamic_ntk_inv_freq(
     Unlike static scalings the frequencies depend on ``seq_len``: :class:`RotaryEmbedding`
     recomputes them on every call from the largest position it is given.
     """
-    dim, trained = config.head_size, config.max_position_embeddings
+    dim, trained = config.head_dim, config.max_position_embeddings
     length = max(seq_len or trained, trained)
     factor = float(scaling["factor"])
     base = config.rope_theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
@@ -106,7 +106,7 @@ def yarn_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.T
     ones. Same semantics as transformers 5.23's ``_compute_yarn_parameters``: an explicit
     ``factor`` wins over ``max_position_embeddings / original_max_position_embeddings``.
     """
-    dim, base = config.head_size, config.rope_theta
+    dim, base = config.head_dim, config.rope_theta
     original_max = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
     factor = scaling.get("factor")
     factor = float(factor) if factor is not None else config.max_position_embeddings / original_max

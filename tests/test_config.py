@@ -17,7 +17,7 @@ def test_hf_config_json_loads_and_round_trips(tmp_path):
     hf.save_pretrained(tmp_path)
     config = Qwen2Config.from_json(tmp_path / "config.json")
     assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (64, 2, True)
-    assert config.num_key_value_groups == 4 and config.head_size == 8
+    assert config.num_key_value_groups == 4 and config.head_dim == 8
     saved = json.loads((tmp_path / "config.json").read_text())
     again = config.to_dict()
     assert {k: again[k] for k in saved if k in again} == {k: saved[k] for k in saved if k in again}
