@@ -23,6 +23,41 @@ from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 
+def is_skeleton(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives on the ``meta`` device: a model built there for loading has shapes only.
+
+    Random initialisation (and quantisation) is skipped on such a skeleton: its values come from
+    the checkpoint, and ``normal_`` on meta would import torch._dynamo, seconds for nothing.
+    """
+    return tensor.is_meta
+
+
+def check_token_ids(
+    ids: torch.Tensor, vocab_size: int, name: str = "input_ids", ignore_index: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``ids`` is an integer (batch, seq) tensor of ids in [0, vocab_size)
+    (or equal to ``ignore_index``, where labels allow one).
+
+    The range check is one fused comparison and one host sync (``bool``); min and max are computed
+    only to word the error. On a CPU the sync is free; on a GPU it is worth its cost, since an
+    id out of range there is a device-side assert that poisons the whole CUDA context instead of
+    an error. Decoding loops pay nothing: :mod:`minqwen.generate` checks its prompts once and
+    runs the model body, whose input after the prompt is sampled ids, in range by construction.
+    """
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if ignore_index is not None:
+        valid |= ids == ignore_index
+    if not bool(valid.all()):
+        bad = ids[~valid]
+        allowed = "" if ignore_index is None else f" or {ignore_index} (ignored)"
+        raise ValueError(
+            f"{name} must be token ids in [0, vocab_size={vocab_size}){allowed}, got values in "
+            f"[{int(bad.min())}, {int(bad.max())}] outside it"
+        )
+
+
 class Qwen2DecoderLayer(nn.Module):
     """One block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (pre-norm residual stream)."""
 
@@ -55,7 +90,7 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
-        if not self.embed_tokens.weight.is_meta:  # random init on "meta" (loading) would cost seconds of imports
+        if not is_skeleton(self.embed_tokens.weight):
             self.embed_tokens.reset_parameters()
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, attn_implementation) for i in range(config.num_hidden_layers)
@@ -114,7 +149,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        if not self.lm_head.weight.is_meta:  # a meta-device build (loading) has no values to set
+        if not is_skeleton(self.lm_head.weight):
             self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
@@ -144,16 +179,7 @@ class Qwen2ForCausalLM(nn.Module):
         padding; cache: a :class:`KVCache` that this call reads and extends.
         Returns logits (batch, seq, vocab_size).
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be an integer tensor of shape (batch, seq), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        check_token_ids(input_ids, self.config.vocab_size)
         return self.lm_head(self.model(input_ids, position_ids, attention_mask, cache))
 
     def extend_context(

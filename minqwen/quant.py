@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import gemm_dtype
+from .model import is_skeleton
 
 SCHEMES = ("int8",)
 INT8_MAX = 127
@@ -86,7 +87,7 @@ class Int8Linear(nn.Module):
         """Quantise an ``nn.Linear``; the bias (if any) keeps the linear's dtype."""
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
-        if weight.is_meta:  # a skeleton for loading: shapes only, the values come from the checkpoint
+        if is_skeleton(weight):
             return layer
         layer.weight, layer.weight_scale = quantize_int8(weight)
         if linear.bias is not None:
