@@ -9,10 +9,6 @@ Two interchangeable back-ends compute the same thing:
 - ``"eager"``: written out step by step (scores, mask, softmax in fp32, weighted sum); it can
   also return the attention probabilities. This is the one the notebooks teach.
 - ``"sdpa"``: PyTorch's fused ``scaled_dot_product_attention`` -- the fast default.
-
-With ``dual_chunk_attention_config`` the layer runs Dual Chunk Attention instead (see
-:mod:`minqwen.dca`): ``"eager"`` then means the reference with full position matrices and
-``"sdpa"`` the chunked implementation.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Qwen2Config
-from .dca import DualChunkRope, chunked_dca_attention, reference_dca_attention
 from .rope import apply_rotary
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -92,10 +87,11 @@ class Qwen2Attention(nn.Module):
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
         self.layer_idx = layer_idx
+        self.layer_type = config.layer_type(layer_idx)  # "full_attention" / "sliding_attention": picks the mask
         self.attn_implementation = attn_implementation
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_size
+        self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
@@ -110,39 +106,28 @@ class Qwen2Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
-        dca: DualChunkRope | None = None,
     ) -> torch.Tensor:
-        """x (batch, seq, hidden) -> (batch, seq, hidden). ``mask``: see :func:`eager_attention`.
-
-        With ``dca`` (Dual Chunk Attention) its tables replace cos/sin and mask.
-        """
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        if dca is not None:
-            out = self._dual_chunk_attention(q, k, v, dca, cache)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D) with S = cached + T
-            if self.attn_implementation == "eager":
-                out, probs = eager_attention(q, k, v, mask, self.scale)
-                self.attention_probs(probs)  # (B, H, T, S); identity, there for minqwen.inspection's hooks
-            else:
-                out = sdpa_attention(q, k, v, mask, self.scale)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # (B, T, H*D)
-        return self.o_proj(out)
-
-    def _dual_chunk_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dca: DualChunkRope, cache: KVCache | None
-    ) -> torch.Tensor:
-        """DCA: keys rotated at their in-chunk position, queries once per part; (B, H, T, D) out."""
-        k = apply_rotary(k, *dca.key)
-        queries = {part: apply_rotary(q, cos, sin) for part, (cos, sin) in dca.queries.items()}
+        """x (batch, seq, hidden) -> (batch, seq, hidden). ``mask``: see :func:`eager_attention`."""
+        q, k, v = self.project(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D): every key so far
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D) with S = cached + T
         if self.attn_implementation == "eager":
-            q_positions = torch.arange(dca.q_start, dca.q_start + q.shape[2], device=q.device)
-            return reference_dca_attention(queries, k, v, q_positions, dca.settings, self.scale)
-        return chunked_dca_attention(queries, k, v, dca.q_start, dca.settings, self.scale)
+            out, probs = eager_attention(q, k, v, mask, self.scale)
+            self.attention_probs(probs)  # (B, H, T, S); identity, there for minqwen.inspection's hooks
+        else:
+            out = sdpa_attention(q, k, v, mask, self.scale)
+        return self.merge_heads(out)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, hidden) -> q (B, H, T, D), k and v (B, KV, T, D), before RoPE."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, H, T, D) -> o_proj of their concatenation (B, T, hidden)."""
+        batch, _, seq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))

@@ -29,7 +29,7 @@ class KVCache:
     ) -> None:
         if batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"KVCache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.head_size)
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # tokens already stored (the same for every layer between forwards)

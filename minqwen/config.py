@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ REQUIRED_FIELDS = (
 )
 
 # Optional fields that HF's Qwen2 config.json does not carry unless they are set.
-OMIT_WHEN_NONE = ("head_dim", "dual_chunk_attention_config")
+OMIT_WHEN_NONE = ("dual_chunk_attention_config", "layer_types")
+# How a layer attends, by HF's names (``config.layer_types``).
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Qwen2Config:
     num_hidden_layers: int = 32  # number of decoder blocks
     num_attention_heads: int = 32  # query heads per layer
     num_key_value_heads: int | None = None  # key/value heads (GQA); None means = query heads
-    head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
+    head_dim: int | None = None  # per-head width; None (as in HF's config.json) means hidden_size // heads
     hidden_act: str = "silu"  # activation of the MLP's gate (Qwen2 uses SiLU)
     max_position_embeddings: int = 32768  # longest context the model was trained for
     initializer_range: float = 0.02  # std of the normal init of fresh weights
@@ -52,6 +55,7 @@ class Qwen2Config:
     use_sliding_window: bool = False  # some layers attend only to a recent window
     sliding_window: int | None = 4096  # window length, the query itself included
     max_window_layers: int = 28  # layers with index >= this use the sliding window
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention" (transformers 5)
     attention_dropout: float = 0.0  # HF field; minqwen trains without attention dropout
     dual_chunk_attention_config: dict[str, Any] | None = None  # DCA (Qwen2.5-1M naming)
     bos_token_id: int | None = None  # beginning-of-sequence id, if the checkpoint names one
@@ -65,27 +69,37 @@ class Qwen2Config:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self.validate()
+        if self.head_dim is None:  # HF's Qwen2 derives it the same way where config.json has none
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
     # ----------------------------------------------------------------- derived values
     @property
     def head_size(self) -> int:
-        """Width of one attention head (``head_dim`` if given, else hidden / heads)."""
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        """Deprecated name of :attr:`head_dim`."""
+        warnings.warn("Qwen2Config.head_size is deprecated; use head_dim (HF's name)", DeprecationWarning, stacklevel=2)
+        return self.head_dim
 
     @property
     def num_key_value_groups(self) -> int:
         """How many query heads share one key/value head (1 = MHA, heads = MQA)."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def layer_uses_sliding_window(self, layer_idx: int) -> bool:
-        """HF's rule: with ``use_sliding_window``, layers from ``max_window_layers`` on are windowed.
+    def layer_type(self, layer_idx: int) -> str:
+        """How layer ``layer_idx`` attends: ``"full_attention"`` or ``"sliding_attention"`` (HF's names).
 
-        A ``layer_types`` list (written by transformers 5) names each layer instead, as in HF.
+        Without ``use_sliding_window`` every layer is full. With it, ``layer_types`` (written by
+        transformers 5) names each layer; older config.json files use HF's earlier rule: layers
+        from ``max_window_layers`` on are windowed.
         """
-        layer_types = self.extra.get("layer_types")
-        if self.use_sliding_window and layer_types is not None:
-            return layer_types[layer_idx] == "sliding_attention"
-        return bool(self.use_sliding_window) and layer_idx >= self.max_window_layers
+        if not self.use_sliding_window:
+            return "full_attention"
+        if self.layer_types is not None:
+            return self.layer_types[layer_idx]
+        return "sliding_attention" if layer_idx >= self.max_window_layers else "full_attention"
+
+    def layer_uses_sliding_window(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` attends only to the last ``sliding_window`` positions."""
+        return self.layer_type(layer_idx) == "sliding_attention"
 
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
@@ -104,8 +118,15 @@ class Qwen2Config:
                 f"Qwen2Config.num_key_value_heads={self.num_key_value_heads} does not divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.head_size % 2:
-            raise ValueError(f"Qwen2Config.head_dim must be even for RoPE, got {self.head_size}")
+        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"Qwen2Config.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES)
+        ):
+            raise ValueError(
+                f"Qwen2Config.layer_types must name one of {LAYER_TYPES} for each of the "
+                f"{self.num_hidden_layers} layers, got {self.layer_types!r}"
+            )
         if self.hidden_act != "silu":
             raise ValueError(f"Qwen2Config.hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         if self.use_sliding_window and (not self.sliding_window or self.sliding_window < 1):
@@ -153,9 +174,15 @@ class Qwen2Config:
             raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``config.json`` dict (HF names; unknown keys from loading are put back)."""
+        """The ``config.json`` dict (HF names; unknown keys from loading are put back).
+
+        ``head_dim`` is written only where it differs from ``hidden_size // num_attention_heads``,
+        the value HF's Qwen2 uses when config.json has none (its Qwen2Config has no such field).
+        """
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d = {k: v for k, v in d.items() if v is not None or k not in OMIT_WHEN_NONE}
+        if d["head_dim"] == self.hidden_size // self.num_attention_heads:
+            del d["head_dim"]
         d.setdefault("architectures", ["Qwen2ForCausalLM"])
         return {**self.extra, **d}
 

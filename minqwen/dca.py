@@ -36,13 +36,17 @@ for the last prompt token and keeps prefill, chunked prefill and decoding exactl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from .attention import Qwen2Attention
+from .cache import KVCache
 from .config import Qwen2Config
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, apply_rotary
 
 # The parts of a DCA score matrix, as stored in :func:`dca_position_matrices`'s ``part``.
 INTRA, SUCCESSIVE, INTER = 0, 1, 2
@@ -276,7 +280,10 @@ def chunked_dca_attention(
     return out.view(batch, n_heads, q_len, head_dim).to(v.dtype)
 
 
-# --------------------------------------------------------------------------- model glue
+# --------------------------------------------------------------------------- the swapped-in attention
+DUAL_CHUNK_LAYER_TYPE = "dual_chunk_attention"  # a DCA layer's ``layer_type``: it needs no causal mask
+
+
 @dataclass
 class DualChunkRope:
     """Everything a DCA layer needs about positions: cos/sin tables of keys and of each query part."""
@@ -307,6 +314,79 @@ class DualChunkRope:
         return cls(settings, q_start, table(settings.key_positions(positions)), queries)
 
 
+class DualChunkAttention(Qwen2Attention):
+    """A :class:`Qwen2Attention` that attends by chunks: keys at their in-chunk position, queries
+    rotated once per part (intra, successive, inter).
+
+    :func:`use_dual_chunk_attention` makes one from a plain layer by changing its class and adding
+    ``dual_chunk`` (the settings) and ``rotary_emb`` (the model's, shared): the q/k/v/o parameters
+    and their state-dict names stay. Positions come from the cache (the queries sit at
+    ``cache.length, cache.length + 1, ...``), so the cos, sin and mask passed in are not used.
+    ``attn_implementation`` ``"eager"`` runs :func:`reference_dca_attention`, ``"sdpa"``
+    :func:`chunked_dca_attention`.
+    """
+
+    dual_chunk: DualChunkSettings
+    rotary_emb: RotaryEmbedding
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (batch, seq, hidden) -> (batch, seq, hidden)."""
+        batch, seq, _ = x.shape
+        past = cache.length if cache is not None else 0
+        q, k, v = self.project(x)  # (B, H, T, D), (B, KV, T, D) x 2
+        rope = DualChunkRope.build(self.rotary_emb, self.dual_chunk, batch, past, seq, x.dtype, x.device)
+        k = apply_rotary(k, *rope.key)
+        queries = {part: apply_rotary(q, part_cos, part_sin) for part, (part_cos, part_sin) in rope.queries.items()}
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D): every key so far
+        if self.attn_implementation == "eager":
+            q_positions = torch.arange(past, past + seq, device=x.device)
+            out = reference_dca_attention(queries, k, v, q_positions, self.dual_chunk, self.scale)
+        else:
+            out = chunked_dca_attention(queries, k, v, past, self.dual_chunk, self.scale)
+        return self.merge_heads(out)  # out: (B, H, T, D)
+
+
+def use_dual_chunk_attention(body: nn.Module, settings: DualChunkSettings | None) -> None:
+    """Swap every attention of ``body`` (a :class:`~minqwen.model.Qwen2Model`) in place: to
+    :class:`DualChunkAttention` with ``settings``, back to plain :class:`Qwen2Attention` with None.
+
+    Only classes and a few attributes change (as :func:`minqwen.linear.use_cpu_linears` does), so
+    parameters stay where they are. With DCA on, a forward pre-hook on ``body`` rejects the inputs
+    DCA cannot honour (padding, positions other than the cache index): see :func:`check_dca_inputs`.
+    """
+    for layer in body.layers:
+        attention = layer.self_attn
+        if settings is not None:
+            attention.__class__ = DualChunkAttention
+            attention.dual_chunk, attention.rotary_emb = settings, body.rotary_emb
+            attention.layer_type = DUAL_CHUNK_LAYER_TYPE
+        elif isinstance(attention, DualChunkAttention):
+            del attention.dual_chunk, attention.rotary_emb
+            attention.__class__ = Qwen2Attention
+            attention.layer_type = body.config.layer_type(attention.layer_idx)
+    handle = body.__dict__.pop("dual_chunk_input_check", None)
+    if handle is not None:
+        handle.remove()
+    if settings is not None:
+        body.dual_chunk_input_check = body.register_forward_pre_hook(check_dca_call, with_kwargs=True)
+
+
+def check_dca_call(body: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: :func:`check_dca_inputs` on the arguments of ``Qwen2Model.forward``."""
+    call = inspect.signature(body.forward).bind(*args, **kwargs).arguments
+    cache = call.get("cache")
+    past = cache.length if cache is not None else 0
+    check_dca_inputs(call.get("position_ids"), call.get("attention_mask"), past, call["input_ids"].shape[1])
+
+
 def check_dca_inputs(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past: int, seq: int) -> None:
     """DCA reads chunks off the cache index: positions must be past, past+1, ... and unpadded."""
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -323,6 +403,8 @@ def check_dca_inputs(position_ids: torch.Tensor | None, attention_mask: torch.Te
 __all__ = [
     "DualChunkSettings",
     "DualChunkRope",
+    "DualChunkAttention",
+    "use_dual_chunk_attention",
     "INTRA",
     "SUCCESSIVE",
     "INTER",

@@ -10,6 +10,11 @@ widens bf16 weights to fp32 for products with many rows and rounds the result ba
 numbers up to summation order, since bf16 GEMMs accumulate in fp32. Products with a few rows
 (decoding) keep PyTorch's bf16 matrix-vector kernel, which reads half the bytes of fp32.
 
+Which path a CPU takes is decided by :func:`cpu_has_fast_bf16_gemm`; the environment variable
+``MINQWEN_BF16_GEMM`` forces one (read on every call, so tests and notebooks can switch it):
+``native`` multiplies bf16 in bf16, ``fp32`` widens prefill products, ``auto`` (the default) asks
+the CPU.
+
 (A column-major layout with the output split over Python threads looked faster in isolation and
 was slower in the whole model -- 4.1 vs 7.0 tokens/s -- so the weights keep PyTorch's layout.)
 """
@@ -17,6 +22,7 @@ was slower in the whole model -- 4.1 vs 7.0 tokens/s -- so the weights keep PyTo
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,11 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 MEMORY_BOUND_ROWS = 8
 
 
+# Forces CPULinear's (and the int8 prefill's) GEMM dtype for half-precision inputs on CPUs.
+BF16_GEMM_ENV = "MINQWEN_BF16_GEMM"
+BF16_GEMM_MODES = ("auto", "native", "fp32")
+
+
 @functools.cache
 def cpu_has_fast_bf16_gemm() -> bool:
     """True when oneDNN runs bf16 matrix multiplies natively on this CPU (AVX-512 BF16 / AMX)."""
@@ -34,11 +45,24 @@ def cpu_has_fast_bf16_gemm() -> bool:
     return bool(probe is not None and probe())
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name`` (default: the first choice), checked against ``choices``."""
+    value = os.environ.get(name, choices[0]).strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"environment variable {name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def gemm_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
-    """The dtype to multiply ``dtype`` operands in: fp32 for half types on CPUs without fast bf16 GEMM."""
-    if torch.device(device).type == "cpu" and dtype in HALF_DTYPES and not cpu_has_fast_bf16_gemm():
-        return torch.float32
-    return dtype
+    """The dtype to multiply ``dtype`` operands in: fp32 for half types on CPUs without fast bf16 GEMM.
+
+    ``MINQWEN_BF16_GEMM=native`` or ``fp32`` overrides what the CPU reports (see the module docstring).
+    """
+    if torch.device(device).type != "cpu" or dtype not in HALF_DTYPES:
+        return dtype
+    mode = env_choice(BF16_GEMM_ENV, BF16_GEMM_MODES)
+    widen = mode == "fp32" or (mode == "auto" and not cpu_has_fast_bf16_gemm())
+    return torch.float32 if widen else dtype
 
 
 class CPULinear(nn.Linear):

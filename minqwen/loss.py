@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import Qwen2ForCausalLM
+from .model import Qwen2ForCausalLM, check_token_ids
 
 IGNORE_INDEX = -100
 
@@ -41,24 +41,10 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
-def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``ids`` is an integer (batch, seq) tensor of ids in [0, vocab_size)
-    (or ``ignore_index`` where one is allowed)."""
-    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
-    real = ids if ignore_index is None else ids[ids != ignore_index]
-    if real.numel() and not 0 <= int(real.min()) <= int(real.max()) < vocab_size:
-        allowed = "" if ignore_index is None else f" or {ignore_index} (ignored)"
-        raise ValueError(
-            f"{name} must be token ids in [0, vocab_size={vocab_size}){allowed}, got values in "
-            f"[{int(real.min())}, {int(real.max())}]"
-        )
-
-
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:
     """Raise ``ValueError`` unless labels are token ids or ``ignore_index``, with at least one
     position left to predict (a mean over nothing is NaN)."""
-    check_token_ids("labels", labels, vocab_size, ignore_index)
+    check_token_ids(labels, vocab_size, "labels", ignore_index)
     if not (shift_labels(labels, ignore_index) != ignore_index).any():
         raise ValueError(
             f"labels leave nothing to predict: every label after the first position is {ignore_index} "
@@ -94,7 +80,7 @@ def lm_loss(
     """
     if labels is None:
         labels = input_ids if attention_mask is None else labels_from_mask(input_ids, attention_mask)
-    check_token_ids("input_ids", input_ids, model.config.vocab_size)
+    check_token_ids(input_ids, model.config.vocab_size)
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     check_labels(labels, model.config.vocab_size)

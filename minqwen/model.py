@@ -17,10 +17,45 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Qwen2Attention, causal_mask
 from .cache import KVCache
 from .config import Qwen2Config
-from .dca import DualChunkRope, DualChunkSettings, check_dca_inputs
+from .dca import DualChunkSettings, use_dual_chunk_attention
 from .mlp import Qwen2MLP
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+
+
+def is_skeleton(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives on the ``meta`` device: a model built there for loading has shapes only.
+
+    Random initialisation (and quantisation) is skipped on such a skeleton: its values come from
+    the checkpoint, and ``normal_`` on meta would import torch._dynamo, seconds for nothing.
+    """
+    return tensor.is_meta
+
+
+def check_token_ids(
+    ids: torch.Tensor, vocab_size: int, name: str = "input_ids", ignore_index: int | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``ids`` is an integer (batch, seq) tensor of ids in [0, vocab_size)
+    (or equal to ``ignore_index``, where labels allow one).
+
+    The range check is one fused comparison and one host sync (``bool``); min and max are computed
+    only to word the error. On a CPU the sync is free; on a GPU it is worth its cost, since an
+    id out of range there is a device-side assert that poisons the whole CUDA context instead of
+    an error. Decoding loops pay nothing: :mod:`minqwen.generate` checks its prompts once and
+    runs the model body, whose input after the prompt is sampled ids, in range by construction.
+    """
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an integer tensor of shape (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+    valid = (ids >= 0) & (ids < vocab_size)
+    if ignore_index is not None:
+        valid |= ids == ignore_index
+    if not bool(valid.all()):
+        bad = ids[~valid]
+        allowed = "" if ignore_index is None else f" or {ignore_index} (ignored)"
+        raise ValueError(
+            f"{name} must be token ids in [0, vocab_size={vocab_size}){allowed}, got values in "
+            f"[{int(bad.min())}, {int(bad.max())}] outside it"
+        )
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -32,7 +67,6 @@ class Qwen2DecoderLayer(nn.Module):
         self.self_attn = Qwen2Attention(config, layer_idx, attn_implementation)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Qwen2MLP(config)
-        self.uses_sliding_window = config.layer_uses_sliding_window(layer_idx)
 
     def forward(
         self,
@@ -41,10 +75,9 @@ class Qwen2DecoderLayer(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
-        dca: DualChunkRope | None = None,
     ) -> torch.Tensor:
         """x (batch, seq, hidden) -> (batch, seq, hidden)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, dca)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -57,15 +90,16 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(
             config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
         )
-        if not self.embed_tokens.weight.is_meta:  # random init on "meta" (loading) would cost seconds of imports
+        if not is_skeleton(self.embed_tokens.weight):
             self.embed_tokens.reset_parameters()
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, i, attn_implementation) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        self.dual_chunk = DualChunkSettings.from_config(config)  # None unless DCA is configured
         self.gradient_checkpointing = False  # training: recompute each layer in backward, keep only its input
+        # Long context: Dual Chunk Attention, when configured, replaces the attention modules.
+        use_dual_chunk_attention(self, DualChunkSettings.from_config(config))
 
     def forward(
         self,
@@ -77,50 +111,33 @@ class Qwen2Model(nn.Module):
         """See :meth:`Qwen2ForCausalLM.forward`; returns hidden states (batch, seq, hidden)."""
         batch, seq = input_ids.shape
         past = cache.length if cache is not None else 0
-        if self.dual_chunk is not None:
-            return self._dual_chunk_forward(input_ids, position_ids, attention_mask, cache)
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (batch, seq, head_dim) each
-        masks = self._masks(seq, past + seq, attention_mask, x.device)
+        masks = self.causal_masks(seq, past + seq, attention_mask, x.device)
         for layer in self.layers:
+            mask = masks.get(layer.self_attn.layer_type)
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, masks[layer.uses_sliding_window], cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[layer.uses_sliding_window], cache)
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(seq)
         return self.norm(x)
 
-    def _dual_chunk_forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
-        """The forward with Dual Chunk Attention: positions come from the cache index."""
-        batch, seq = input_ids.shape
-        past = cache.length if cache is not None else 0
-        check_dca_inputs(position_ids, attention_mask, past, seq)
-        x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
-        dca = DualChunkRope.build(self.rotary_emb, self.dual_chunk, batch, past, seq, x.dtype, x.device)
-        for layer in self.layers:
-            x = layer(x, *dca.key, None, cache, dca)
-        if cache is not None:
-            cache.advance(seq)
-        return self.norm(x)
-
-    def _masks(
+    def causal_masks(
         self, q_len: int, kv_len: int, attention_mask: torch.Tensor | None, device: torch.device
-    ) -> dict[bool, torch.Tensor | None]:
-        """The attention mask for full layers (key False) and sliding-window layers (key True)."""
-        full = causal_mask(q_len, kv_len, attention_mask, None, device)
-        if not self.config.use_sliding_window:
-            return {False: full, True: full}
-        window = causal_mask(q_len, kv_len, attention_mask, self.config.sliding_window, device)
-        return {False: full, True: window}
+    ) -> dict[str, torch.Tensor | None]:
+        """The attention mask of each layer type in use, keyed like HF's (see :func:`causal_mask`).
+
+        ``"full_attention"`` layers see every earlier position, ``"sliding_attention"`` layers the
+        last ``sliding_window``. A layer type not named here (an attention swapped in that masks
+        by itself) is given None, and no (q_len, kv_len) mask is built for it.
+        """
+        windows = {"full_attention": None, "sliding_attention": self.config.sliding_window}
+        in_use = {layer.self_attn.layer_type for layer in self.layers} & windows.keys()
+        return {kind: causal_mask(q_len, kv_len, attention_mask, windows[kind], device) for kind in in_use}
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -132,7 +149,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(config, attn_implementation)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        if not self.lm_head.weight.is_meta:  # a meta-device build (loading) has no values to set
+        if not is_skeleton(self.lm_head.weight):
             self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
@@ -162,16 +179,7 @@ class Qwen2ForCausalLM(nn.Module):
         padding; cache: a :class:`KVCache` that this call reads and extends.
         Returns logits (batch, seq, vocab_size).
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
-                f"input_ids must be an integer tensor of shape (batch, seq), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        check_token_ids(input_ids, self.config.vocab_size)
         return self.lm_head(self.model(input_ids, position_ids, attention_mask, cache))
 
     def extend_context(
@@ -192,9 +200,11 @@ class Qwen2ForCausalLM(nn.Module):
             rope_scaling=rope_scaling,
             dual_chunk_attention_config=dual_chunk_attention_config,
         )
-        rotary, dual_chunk = RotaryEmbedding(config).to(self.lm_head.weight.device), DualChunkSettings.from_config(config)
+        rotary = RotaryEmbedding(config).to(self.lm_head.weight.device)  # checks rope_scaling
+        dual_chunk = DualChunkSettings.from_config(config)  # checks the DCA settings: nothing changed yet
         self.config = self.model.config = config
-        self.model.rotary_emb, self.model.dual_chunk = rotary, dual_chunk
+        self.model.rotary_emb = rotary
+        use_dual_chunk_attention(self.model, dual_chunk)  # installs or removes DualChunkAttention
         return self
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> KVCache:

@@ -15,6 +15,11 @@ Two ways to compute it, picked by the number of rows (tokens) in ``x``:
 - many rows (prefill): the int8 matrix is widened to the GEMM dtype once per call and goes
   through the ordinary matrix multiply, which is compute-bound there anyway.
 
+``MINQWEN_INT8_KERNEL`` forces the path (read on every call): ``fused`` runs the kernel for every
+product whatever its rows (an error on a device without it; a layer whose shape or alignment the
+kernel cannot take still widens), ``dequant`` always widens, ``auto`` (the default) picks by rows
+as above. On devices without the kernel (CUDA, MPS) ``auto`` widens for every product.
+
 The embedding table stays in the model's dtype (a token reads one row of it, so int8 would save
 memory but no time). The LM head is quantised too by default: at 151936 x 896 it is a quarter of
 the bytes a token reads; ``lm_head=False`` keeps it in the model's dtype.
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import gemm_dtype
+from .linear import env_choice, gemm_dtype
+from .model import is_skeleton
 
 SCHEMES = ("int8",)
 INT8_MAX = 127
@@ -36,6 +42,9 @@ KERNEL_MAX_ROWS = 8
 # it needs in_features % 16 == 0 and operands starting on 64-byte boundaries.
 KERNEL_BLOCK = 16
 KERNEL_ALIGNMENT = 64
+# Forces Int8Linear's path: "fused" (the int8 kernel), "dequant" (widen, then an ordinary GEMM) or "auto".
+INT8_KERNEL_ENV = "MINQWEN_INT8_KERNEL"
+INT8_KERNEL_MODES = ("auto", "fused", "dequant")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +95,7 @@ class Int8Linear(nn.Module):
         """Quantise an ``nn.Linear``; the bias (if any) keeps the linear's dtype."""
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
-        if weight.is_meta:  # a skeleton for loading: shapes only, the values come from the checkpoint
+        if is_skeleton(weight):
             return layer
         layer.weight, layer.weight_scale = quantize_int8(weight)
         if linear.bias is not None:
@@ -100,13 +109,20 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         rows = x.reshape(-1, self.in_features)  # (rows, in)
-        if rows.shape[0] <= KERNEL_MAX_ROWS and self.kernel_ready():
-            out = self._fused(rows)
-        else:
-            out = self._widened(rows)
+        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether a product with ``rows`` rows runs the fused kernel (``MINQWEN_INT8_KERNEL`` decides, see above)."""
+        mode = env_choice(INT8_KERNEL_ENV, INT8_KERNEL_MODES)
+        if mode == "fused" and not int8_kernel_available(self.weight.device):
+            raise ValueError(
+                f"{INT8_KERNEL_ENV}=fused, but there is no int8 kernel for device {self.weight.device.type!r} "
+                "(only CPU builds of PyTorch have torch._weight_int8pack_mm); use dequant or auto"
+            )
+        return mode != "dequant" and (mode == "fused" or rows <= KERNEL_MAX_ROWS) and self.kernel_ready()
 
     def kernel_ready(self) -> bool:
         """Whether :meth:`_fused` may run: a CPU with the kernel, a multiple of 16 inputs, aligned weights."""

@@ -11,6 +11,7 @@ Qwen2 (like HF's Llama) uses the "split halves" layout: channel ``i`` is paired 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,25 +19,28 @@ from torch import nn
 
 from .config import Qwen2Config
 
-InvFreqFn = Callable[..., tuple[torch.Tensor, float]]
+# (config, seq_len) -> (inv_freq (head_dim/2,), attention factor). ``seq_len`` is the length the
+# tables must cover; only length-dependent types (dynamic NTK) read it.
+InvFreqFn = Callable[[Qwen2Config, "int | None"], tuple[torch.Tensor, float]]
 
 
-def default_inv_freq(config: Qwen2Config, scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, float]:
-    """Plain RoPE: ``inv_freq[i] = theta ** (-2i / head_dim)``; attention factor 1."""
-    dim = config.head_size
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (head_dim/2,)
-    return 1.0 / (config.rope_theta**exponents), 1.0
+def base_inv_freq(dim: int, base: float) -> torch.Tensor:
+    """Plain RoPE's inverse frequencies (dim/2,): pair ``i`` turns ``base ** (-2i / dim)`` radians per token."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (dim/2,)
+    return 1.0 / (base**exponents)
 
 
-def linear_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+def default_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Plain RoPE with base ``rope_theta``; attention factor 1."""
+    return base_inv_freq(config.head_dim, config.rope_theta), 1.0
+
+
+def linear_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Position interpolation: every frequency is divided by ``factor`` (Chen et al. 2023)."""
-    inv_freq, _ = default_inv_freq(config)
-    return inv_freq / float(scaling["factor"]), 1.0
+    return base_inv_freq(config.head_dim, config.rope_theta) / float(config.rope_scaling["factor"]), 1.0
 
 
-def dynamic_ntk_inv_freq(
-    config: Qwen2Config, scaling: dict[str, Any], seq_len: int | None = None
-) -> tuple[torch.Tensor, float]:
+def dynamic_ntk_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Dynamic NTK scaling: past ``max_position_embeddings`` the base grows with the sequence length.
 
     ``base' = theta * (factor * L / L_max - (factor - 1)) ** (d / (d - 2))`` with
@@ -44,12 +48,11 @@ def dynamic_ntk_inv_freq(
     Unlike static scalings the frequencies depend on ``seq_len``: :class:`RotaryEmbedding`
     recomputes them on every call from the largest position it is given.
     """
-    dim, trained = config.head_size, config.max_position_embeddings
+    dim, trained = config.head_dim, config.max_position_embeddings
     length = max(seq_len or trained, trained)
-    factor = float(scaling["factor"])
+    factor = float(config.rope_scaling["factor"])
     base = config.rope_theta * ((factor * length / trained) - (factor - 1)) ** (dim / (dim - 2))
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    return 1.0 / (base**exponents), 1.0
+    return base_inv_freq(dim, base), 1.0
 
 
 # --------------------------------------------------------------------------- YaRN
@@ -97,7 +100,7 @@ def linear_ramp(low: float, high: float, size: int) -> torch.Tensor:
     return ((torch.arange(size, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
 
 
-def yarn_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+def yarn_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023): interpolate the slow frequencies only, and sharpen attention.
 
     Each frequency is a blend ``extrapolated * (1 - ramp) + interpolated * ramp`` where
@@ -106,12 +109,11 @@ def yarn_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.T
     ones. Same semantics as transformers 5.23's ``_compute_yarn_parameters``: an explicit
     ``factor`` wins over ``max_position_embeddings / original_max_position_embeddings``.
     """
-    dim, base = config.head_size, config.rope_theta
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
     original_max = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
     factor = scaling.get("factor")
     factor = float(factor) if factor is not None else config.max_position_embeddings / original_max
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)  # wavelength / 2 pi of each pair
-    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolated = base_inv_freq(dim, base)
     low, high = yarn_correction_range(
         dim,
         base,
@@ -121,21 +123,26 @@ def yarn_inv_freq(config: Qwen2Config, scaling: dict[str, Any]) -> tuple[torch.T
         scaling.get("truncate", True),
     )
     ramp = linear_ramp(low, high, dim // 2)  # 0: keep the frequency, 1: divide it by factor
-    inv_freq = extrapolated * (1 - ramp) + interpolated * ramp
+    inv_freq = extrapolated * (1 - ramp) + extrapolated / factor * ramp
     return inv_freq, yarn_attention_factor(factor, scaling)
 
 
-# rope_type -> function returning (inv_freq, attention_factor). Long-context types register here.
-ROPE_INV_FREQ: dict[str, InvFreqFn] = {
-    "default": default_inv_freq,
-    "linear": linear_inv_freq,
-    "dynamic": dynamic_ntk_inv_freq,
-    "yarn": yarn_inv_freq,
+@dataclass(frozen=True)
+class RopeType:
+    """One RoPE variant: how to compute its frequencies and what ``rope_scaling`` must name."""
+
+    inv_freq: InvFreqFn
+    required_keys: tuple[str, ...] = ()  # checked before any maths, so the error names the key
+    length_dependent: bool = False  # frequencies change with the sequence length (recomputed per call)
+
+
+# rope_type -> its variant. Long-context types register here.
+ROPE_TYPES: dict[str, RopeType] = {
+    "default": RopeType(default_inv_freq),
+    "linear": RopeType(linear_inv_freq, ("factor",)),
+    "dynamic": RopeType(dynamic_ntk_inv_freq, ("factor",), length_dependent=True),
+    "yarn": RopeType(yarn_inv_freq),
 }
-# Types whose frequencies depend on the sequence length (their function takes ``seq_len``).
-LENGTH_DEPENDENT_ROPE = {"dynamic"}
-# Keys each type needs in rope_scaling, checked before any maths so the error names the key.
-REQUIRED_ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ()}
 
 
 def rope_type(config: Qwen2Config) -> str:
@@ -144,17 +151,15 @@ def rope_type(config: Qwen2Config) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def check_rope_scaling(config: Qwen2Config) -> str:
-    """The RoPE type after checking ``rope_scaling`` names a known type with its required keys."""
+def check_rope_scaling(config: Qwen2Config) -> RopeType:
+    """The RoPE variant after checking ``rope_scaling`` names a known type with its required keys."""
     kind, scaling = rope_type(config), config.rope_scaling or {}
-    if kind not in ROPE_INV_FREQ:
-        raise ValueError(
-            f"rope_scaling type {kind!r} is not supported; known types: {sorted(ROPE_INV_FREQ)}"
-        )
-    missing = [key for key in REQUIRED_ROPE_KEYS.get(kind, ()) if scaling.get(key) is None]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; known types: {sorted(ROPE_TYPES)}")
+    missing = [key for key in ROPE_TYPES[kind].required_keys if scaling.get(key) is None]
     if missing:
         raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}; got {scaling}")
-    return kind
+    return ROPE_TYPES[kind]
 
 
 def rope_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -162,10 +167,7 @@ def rope_inv_freq(config: Qwen2Config, seq_len: int | None = None) -> tuple[torc
 
     ``seq_len`` matters only for length-dependent types (dynamic NTK).
     """
-    kind = check_rope_scaling(config)
-    if kind in LENGTH_DEPENDENT_ROPE:
-        return ROPE_INV_FREQ[kind](config, config.rope_scaling, seq_len=seq_len)
-    return ROPE_INV_FREQ[kind](config, config.rope_scaling or {})
+    return check_rope_scaling(config).inv_freq(config, seq_len)
 
 
 class RotaryEmbedding(nn.Module):
@@ -174,7 +176,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
         self.config = config
-        self.length_dependent = check_rope_scaling(config) in LENGTH_DEPENDENT_ROPE
+        self.length_dependent = check_rope_scaling(config).length_dependent
         with torch.device("cpu"):  # computed for real even while a model is built on "meta" (loading)
             inv_freq, self.attention_factor = rope_inv_freq(config)
         # Not in the state dict (HF does the same): it is recomputed from the config.

@@ -23,7 +23,7 @@ def test_cache_size_follows_gqa():
     config = tiny_config(4, 1)
     cache = random_model(config).make_cache(batch_size=1, max_seq_len=10)
     # 2 (K and V) * layers * kv_heads * head_dim * 4 bytes per token
-    assert cache.nbytes() == 10 * 2 * config.num_hidden_layers * 1 * config.head_size * 4
+    assert cache.nbytes() == 10 * 2 * config.num_hidden_layers * 1 * config.head_dim * 4
 
 
 def test_full_cache_raises():

@@ -17,7 +17,7 @@ def test_hf_config_json_loads_and_round_trips(tmp_path):
     hf.save_pretrained(tmp_path)
     config = Qwen2Config.from_json(tmp_path / "config.json")
     assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (64, 2, True)
-    assert config.num_key_value_groups == 4 and config.head_size == 8
+    assert config.num_key_value_groups == 4 and config.head_dim == 8
     saved = json.loads((tmp_path / "config.json").read_text())
     again = config.to_dict()
     assert {k: again[k] for k in saved if k in again} == {k: saved[k] for k in saved if k in again}
@@ -73,3 +73,22 @@ def test_qwen2_0_5b_parameter_count():
         model = Qwen2ForCausalLM(Qwen2Config.qwen2_0_5b())
     assert model.num_parameters() == 494_032_768
     assert model.num_parameters(exclude_embeddings=True) == 357_898_112
+
+
+def test_a_meta_built_model_has_real_rope_tables_after_loading():
+    """RoPE's inv_freq is computed from the config, for real even on meta: loading need not rebuild it."""
+    config = tiny_config()
+    weights = Qwen2ForCausalLM(config).state_dict()
+    with torch.device("meta"):
+        skeleton = Qwen2ForCausalLM(config)
+    skeleton.load_state_dict(weights, assign=True)
+    assert torch.equal(skeleton.model.rotary_emb.inv_freq, Qwen2ForCausalLM(config).model.rotary_emb.inv_freq)
+
+
+def test_head_dim_is_hf_s_name_and_head_size_is_deprecated():
+    config = tiny_config(heads=4, head_size=8)
+    assert config.head_dim == 8 and "head_dim" not in config.to_dict(), "the derived value is not written"
+    wide = Qwen2Config.from_dict({**config.to_dict(), "head_dim": 16})
+    assert wide.to_dict()["head_dim"] == 16 and Qwen2ForCausalLM(wide).model.layers[0].self_attn.q_proj.out_features == 64
+    with pytest.warns(DeprecationWarning, match="head_dim"):
+        assert config.head_size == 8

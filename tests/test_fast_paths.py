@@ -17,11 +17,13 @@ from minqwen.loading.weights import load_hf_dir
 from minqwen.linear import CPULinear, gemm_dtype, use_cpu_linears
 
 
-@pytest.fixture(params=[False, True], ids=["avx2-like", "bf16-capable"])
+@pytest.fixture(params=["fp32", "native"], ids=["widened (avx2-like)", "native bf16"])
 def bf16_gemm(request, monkeypatch):
-    """Run a test as on a CPU without (then with) fast bf16 GEMM."""
-    monkeypatch.setattr(linear, "cpu_has_fast_bf16_gemm", lambda: request.param)
-    return request.param
+    """Run a test on each CPULinear path, forced with MINQWEN_BF16_GEMM whatever this CPU has.
+
+    Returns True for the native bf16 path."""
+    monkeypatch.setenv(linear.BF16_GEMM_ENV, request.param)
+    return request.param == "native"
 
 
 def test_gemm_dtype_widens_half_types_only_where_bf16_gemm_is_slow(bf16_gemm):
@@ -31,8 +33,14 @@ def test_gemm_dtype_widens_half_types_only_where_bf16_gemm_is_slow(bf16_gemm):
     assert gemm_dtype(torch.bfloat16, "meta") == torch.bfloat16  # only CPUs are widened
 
 
-def test_cpu_has_fast_bf16_gemm_is_a_bool():
-    assert isinstance(linear.cpu_has_fast_bf16_gemm(), bool)
+def test_bf16_gemm_auto_asks_the_cpu_and_bad_values_are_named(monkeypatch):
+    monkeypatch.setenv(linear.BF16_GEMM_ENV, "auto")
+    assert (gemm_dtype(torch.bfloat16) == torch.bfloat16) == linear.cpu_has_fast_bf16_gemm()
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16_gemm", lambda: False)
+    assert gemm_dtype(torch.bfloat16) == torch.float32
+    monkeypatch.setenv(linear.BF16_GEMM_ENV, "fast")
+    with pytest.raises(ValueError, match="MINQWEN_BF16_GEMM='fast'.*auto, native, fp32"):
+        gemm_dtype(torch.bfloat16)
 
 
 def random_cpu_linear(bias: bool, dtype: torch.dtype) -> tuple[nn.Linear, CPULinear]:

@@ -4,6 +4,7 @@ other, the written-out definition, and plain attention inside one chunk; configs
 Qwen2.5 long-context checkpoints load as they are."""
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -11,11 +12,14 @@ import torch
 import transformers
 from helpers import assert_close, assert_exercise_check, hf_twin, random_model, tiny_config
 
+import minqwen.model
 from minqwen import Qwen2Config
+from minqwen.attention import Qwen2Attention
 from minqwen.dca import (
     INTER,
     INTRA,
     SUCCESSIVE,
+    DualChunkAttention,
     DualChunkSettings,
     chunked_dca_attention,
     dca_position_matrices,
@@ -320,6 +324,33 @@ def test_dca_input_errors():
         dca_model(dca={"local_size": 8})
     with pytest.raises(ValueError, match="use_sliding_window"):
         random_model(tiny_config(dual_chunk_attention_config=dict(DCA), use_sliding_window=True, sliding_window=8))
+
+
+def test_dca_is_a_swapped_in_module_with_the_same_parameters_and_names():
+    model = random_model(tiny_config())
+    parameters, keys = dict(model.named_parameters()), list(model.state_dict())
+    model.extend_context(128, dual_chunk_attention_config=dict(DCA))
+    assert all(type(layer.self_attn) is DualChunkAttention for layer in model.model.layers)
+    assert list(model.state_dict()) == keys, "state-dict keys stay HF's"
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    model.extend_context(512)
+    assert all(type(layer.self_attn) is Qwen2Attention for layer in model.model.layers)
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    padded = torch.tensor([[0] + [1] * 9] * 2)
+    assert torch.isfinite(logits(model, ids_of(10), attention_mask=padded)).all(), "plain attention takes padding again"
+    assert "dca" not in inspect.signature(Qwen2Attention.forward).parameters
+
+
+def test_dca_layers_build_no_dense_mask(monkeypatch):
+    """DCA masks by chunk itself: the model must not build a (seq, seq) causal mask for it."""
+    model = dca_model()
+    expected = logits(model, ids_of(30))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a causal mask was built for DCA layers")
+
+    monkeypatch.setattr(minqwen.model, "causal_mask", refuse)
+    assert_close(logits(model, ids_of(30)), expected)
 
 
 # --------------------------------------------------------------------------- configs of real checkpoints

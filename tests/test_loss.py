@@ -6,7 +6,6 @@ import pytest
 import torch
 from helpers import hf_twin, random_model, tiny_config
 
-import minqwen
 from minqwen.loss import IGNORE_INDEX, labels_from_mask, lm_loss, next_token_loss, shift_labels
 
 REL_TOL = 1e-5
@@ -109,10 +108,6 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients() -> None:
     assert_rel_close(loss_ckpt, loss_plain, "loss")
     for name in grads_plain:
         assert_rel_close(grads_ckpt[name], grads_plain[name], f"grad of {name}")
-
-
-def test_lm_loss_is_exported() -> None:
-    assert minqwen.lm_loss is lm_loss
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from torch import nn
 import minqwen
 from minqwen import hub
 from minqwen.quant import (
+    INT8_KERNEL_ENV,
     KERNEL_MAX_ROWS,
     Int8Linear,
     aligned,
@@ -96,7 +97,37 @@ def test_fused_and_widened_paths_agree_on_a_bf16_layer():
     torch.testing.assert_close(fused.float(), widened.float(), rtol=2e-2, atol=2e-2 * widened.abs().max().item())
 
 
-def test_kernel_is_skipped_where_it_cannot_run():
+@pytest.fixture(params=["fused", "dequant", "auto"])
+def int8_kernel(request, monkeypatch):
+    """Run a test on each Int8Linear path, forced with MINQWEN_INT8_KERNEL."""
+    monkeypatch.setenv(INT8_KERNEL_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 5])
+def test_every_int8_path_equals_linear_with_dequantized_weight(rows, int8_kernel):
+    linear = random_linear(64, 40, True).to(torch.bfloat16)
+    layer = Int8Linear.from_linear(linear)
+    expected_kernel = int8_kernel == "fused" or (int8_kernel == "auto" and rows <= KERNEL_MAX_ROWS and layer.kernel_ready())
+    assert layer.uses_kernel(rows) == expected_kernel
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    expected = F.linear(x.float(), layer.dequantize(), linear.bias.float())
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_int8_switch_errors_are_clear(monkeypatch):
+    layer = Int8Linear.from_linear(random_linear(64, 8, False))
+    monkeypatch.setenv(INT8_KERNEL_ENV, "fused")
+    with pytest.raises(ValueError, match="MINQWEN_INT8_KERNEL=fused, but there is no int8 kernel for device 'meta'"):
+        layer.to("meta")(torch.randn(1, 64, device="meta"))
+    monkeypatch.setenv(INT8_KERNEL_ENV, "int4")
+    with pytest.raises(ValueError, match="MINQWEN_INT8_KERNEL='int4'"):
+        layer(torch.randn(1, 64))
+
+
+def test_kernel_is_skipped_where_it_cannot_run(int8_kernel):
     odd = Int8Linear.from_linear(random_linear(40, 8, False))  # 40 inputs: not a multiple of 16
     assert not odd.kernel_ready()
     x = torch.randn(1, 40)
@@ -135,7 +166,7 @@ def test_quantized_model_equals_its_dequantized_twin_fp32(lm_head):
         torch.testing.assert_close(model(ids), twin(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_generation_with_cache_follows_the_dequantized_twin():
+def test_quantized_generation_with_cache_follows_the_dequantized_twin(int8_kernel):
     original = random_model(tiny_config(hidden_size=64, head_size=16)).to(torch.bfloat16)
     model = quantize(copy.deepcopy(original), "int8")
     assert model.make_cache(1, 4).keys.dtype == torch.bfloat16  # the cache follows the embedding, not the int8 head
