@@ -86,7 +86,7 @@ def test_a_meta_built_model_has_real_rope_tables_after_loading():
 
 
 def test_head_dim_is_hf_s_name_and_head_size_is_deprecated():
-    config = tiny_config(heads=4, head_size=8)
+    config = tiny_config(heads=4, head_dim=8)
     assert config.head_dim == 8 and "head_dim" not in config.to_dict(), "the derived value is not written"
     wide = Qwen2Config.from_dict({**config.to_dict(), "head_dim": 16})
     assert wide.to_dict()["head_dim"] == 16 and Qwen2ForCausalLM(wide).model.layers[0].self_attn.q_proj.out_features == 64

@@ -44,8 +44,8 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 def count_parameters(config):
-    hidden, kv_width = config.hidden_size, config.num_key_value_heads * config.head_size
-    q_width = config.num_attention_heads * config.head_size
+    hidden, kv_width = config.hidden_size, config.num_key_value_heads * config.head_dim
+    q_width = config.num_attention_heads * config.head_dim
     attention = hidden * q_width + q_width + 2 * (hidden * kv_width + kv_width) + q_width * hidden
     mlp = 3 * hidden * config.intermediate_size
     layer = attention + mlp + 2 * hidden

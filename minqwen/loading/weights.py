@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 from ..config import Qwen2Config
 from ..model import Qwen2ForCausalLM
 from ..quant import quantize
-from ..rope import RotaryEmbedding
 from .files import atomic_file
 
 SAFETENSORS_DTYPES = {
@@ -179,7 +178,6 @@ def build_model(
 ) -> Qwen2ForCausalLM:
     """A model with these weights, built on ``meta`` so no memory is spent on a random init."""
     model = load_state_dict(meta_model(config, scheme, attn_implementation), state_dict, dtype, source, scheme)
-    model.model.rotary_emb = RotaryEmbedding(config)  # buffers computed from the config: still on meta
     return model.eval()
 
 
