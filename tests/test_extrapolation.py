@@ -52,10 +52,12 @@ def test_passkey_example_places_the_key_at_the_depth_and_ends_with_it():
         needle = NEEDLE.format(key=example.key)
         assert len(example.ids) == length
         assert len(example.key) == KEY_DIGITS and example.key.isdigit()
+        assert sum(c.isdigit() for c in text) == 2 * KEY_DIGITS
         assert text.endswith(QUESTION + example.key)
         assert text[example.answer_start :] == example.key
         assert text[example.needle_start : example.needle_start + len(needle)] == needle
-        assert text.count("pass key is") == 2  # the needle and the question, nothing else
+        assert text.count("pass key=") == 2  # the needle and the question, nothing else
+        assert len(set(example.key)) == KEY_DIGITS
         filler_len = length - passkey_overhead()
         assert example.depth == example.needle_start / filler_len
         assert abs(example.depth - depth) <= 6 / filler_len  # nearest word start

@@ -3,7 +3,7 @@
 The model is trained (in a few CPU minutes) on a mix of natural text -- the Python sources shipped
 with minqwen, one token per UTF-8 byte as in the tiny training recipe -- and passkey examples: a
 five-digit key hidden at a random depth in repeated filler sentences, then the question, then the
-key. Text rows are scored on every token, passkey rows on the five answer digits only (the filler
+key (see :data:`NEEDLE`). Text rows are scored on every token, passkey rows on the five answer digits only (the filler
 is trivial to predict and would drown the one thing worth learning); the two means are added.
 
 The same weights are then tested at 1, 2, 4, 8 and 16 times ``L`` with six position schemes,
@@ -65,12 +65,15 @@ from ..weights import from_pretrained, save_pretrained
 
 METHODS = ("rope", "linear", "dynamic", "yarn", "dca", "dca_scaled")
 DEFAULT_OUT = Path("notebooks/results/extrapolation.json")
-FORMAT_VERSION = 1  # part of the cache key: bump when the data or training code changes its result
+FORMAT_VERSION = 2  # part of the cache key: bump when the data or training code changes its result
 
-# Passkey text, one token per byte. The question ends as the needle begins, so the answer is a copy.
+# Passkey text, one token per byte. The question ends as the needle does before the key, so the
+# answer is a copy. "=" and digits never occur in the filler, and the key's five digits differ, so
+# a 2-layer model can copy by the previous token alone (an induction head): the experiment then
+# measures positions, not how many tokens of context the tiny model can match.
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = "The pass key is {key}. "
-QUESTION = "What is the pass key? The pass key is "
+NEEDLE = "The pass key={key}. "
+QUESTION = "What is the pass key? The pass key="
 KEY_DIGITS = 5
 
 
@@ -82,13 +85,13 @@ class ExperimentConfig:
     # model, trained at trained_length tokens
     trained_length: int = 128
     hidden_size: int = 128
-    num_hidden_layers: int = 3
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 384
     rope_theta: float = 10000.0
     # training
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 32  # rows per step, text and passkey together
     passkey_fraction: float = 0.5  # share of passkey rows in a batch
     lr: float = 3e-3
@@ -99,14 +102,14 @@ class ExperimentConfig:
     seed: int = 0
     # evaluation
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
-    trials: int = 200  # passkey examples per (method, length), spread evenly over the depths
+    trials: int = 100  # passkey examples per (method, length), spread evenly over the depths
     depths: int = 10  # depth grid 0, 1/(depths-1), ..., 1
-    text_windows: int = 16  # held-out text windows per (method, length)
+    text_windows: int = 8  # held-out text windows per (method, length)
     loss_buckets: int = 32  # position buckets of loss_by_position (at the longest length)
     # DCA sweep at sweep_multiple x L, on sweep_trials examples of another seed than the test
     sweep_multiple: int = 8
-    sweep_trials: int = 100
-    chunk_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+    sweep_trials: int = 50
+    chunk_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.25)
     local_fractions: tuple[float, ...] = (0.0625, 0.125)
     threads: int = 2
 
@@ -166,13 +169,13 @@ def passkey_overhead() -> int:
 
 def passkey_example(length: int, depth: float, rng: random.Random) -> PasskeyExample:
     """Filler (starting at a random place of its cycle) with the needle at the word start nearest
-    ``depth`` of it, then the question and the key: ``length`` tokens in all."""
+    ``depth`` of it, then the question and the key (five different digits): ``length`` tokens in all."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be between 0 and 1, got {depth}")
     filler_len = length - passkey_overhead()
     if filler_len < 1:
         raise ValueError(f"length {length} is too short: needle, question and answer take {passkey_overhead()} tokens")
-    key = "".join(rng.choice("0123456789") for _ in range(KEY_DIGITS))
+    key = "".join(rng.sample("0123456789", KEY_DIGITS))
     phase = rng.randrange(len(FILLER))
     filler = (FILLER * (2 + (phase + filler_len) // len(FILLER)))[phase : phase + filler_len]
     word_starts = [i for i in range(filler_len + 1) if i in (0, filler_len) or filler[i - 1] == " "]
