@@ -111,7 +111,7 @@ class ExperimentConfig:
     sweep_trials: int = 50
     chunk_fractions: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.25)
     local_fractions: tuple[float, ...] = (0.0625, 0.125)
-    threads: int = 2
+    threads: int = 1  # a tiny model's matrices are too small to share; on a busy machine 2 threads spin-wait
 
     def __post_init__(self) -> None:
         if self.trials % self.depths or self.sweep_trials % self.depths:
@@ -517,7 +517,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     parser.add_argument("--steps", type=int, default=None, help="training steps (override)")
     parser.add_argument("--trials", type=int, default=None, help="passkey trials per cell (override; a multiple of the depths)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the weights, the batches and the test examples")
     return parser.parse_args(argv)
 
