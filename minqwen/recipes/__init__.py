@@ -2,6 +2,8 @@
 
 - :mod:`minqwen.recipes.train_tiny`: a tiny Qwen2 trained from scratch (``python -m minqwen train``).
 - :mod:`minqwen.recipes.lora_demo`: LoRA on the real 0.5B (``python -m minqwen lora-demo``).
+- :mod:`minqwen.recipes.extrapolation`: a tiny Qwen2 trained at a short context and tested far past it with
+  each long-context method (``python -m minqwen.recipes.extrapolation``).
 
 A recipe's settings dataclass is its command line: :func:`add_dataclass_arguments` makes one
 ``--flag`` per field (help from the field's ``metadata["help"]``), :func:`dataclass_from_args`
