@@ -48,7 +48,7 @@ test-emulated: $(DEV_STAMP)
 	@echo "emulated CPU: $(EMULATED_CPU_ENV)"
 	env $(EMULATED_CPU_ENV) $(PY) -m pytest -q --nbval notebooks
 
-## strip: clear the notebooks' execution counts and execution timestamps (before committing a notebook)
+## strip: drop the notebooks' execution timestamps and renumber their counts 1..N (before committing a notebook)
 strip: $(BASE_STAMP)
 	$(PY) tools/strip_notebooks.py notebooks/*.ipynb
 

@@ -1,8 +1,10 @@
-"""Clear execution counts and execution timestamps from notebooks, in place (see `make strip`).
+"""Normalise execution counts and drop execution timestamps in notebooks, in place (`make strip`).
 
-nbval compares outputs, not counts, so nothing it checks is lost; what goes is what changes on
-every run and would make each re-execution a diff: ``execution_count`` of cells and results, and
-the ``execution`` timestamps Jupyter writes into cell metadata. Written back as Jupyter writes
+What changes on every run and would make each re-execution a diff goes: the ``execution``
+timestamps Jupyter writes into cell metadata, and the counts of an interactive session (which
+jump and repeat as cells are re-run). Counts are renumbered 1, 2, 3, ... over the non-empty code
+cells, as one run from top to bottom in a fresh kernel numbers them. They are not cleared: nbval
+treats a cell without a count as never run and fails it if it has outputs. Written back as Jupyter writes
 notebooks (one-space indent, sorted keys, UTF-8), so an already clean notebook is unchanged.
 
     python tools/strip_notebooks.py notebooks/*.ipynb
@@ -16,14 +18,16 @@ from pathlib import Path
 
 
 def strip(notebook: dict) -> dict:
-    """The notebook without execution counts and execution metadata (the same dict, changed)."""
+    """The notebook without execution metadata, its counts those of one fresh run (the same dict, changed)."""
+    count = 0
     for cell in notebook["cells"]:
         cell.get("metadata", {}).pop("execution", None)
         if cell["cell_type"] == "code":
-            cell["execution_count"] = None
+            count += bool("".join(cell.get("source", "")).strip())
+            cell["execution_count"] = count if "".join(cell.get("source", "")).strip() else None
             for output in cell.get("outputs", []):
                 if "execution_count" in output:
-                    output["execution_count"] = None
+                    output["execution_count"] = cell["execution_count"]
     return notebook
 
 
