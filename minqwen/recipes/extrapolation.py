@@ -39,13 +39,8 @@ import datetime
 import hashlib
 import json
 import math
-import os
-import platform
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
 from ..config import Qwen2Config
 from ..dca import DualChunkSettings, dca_position_matrices
 from ..loss import lm_loss
 from ..model import Qwen2ForCausalLM
-from ..train import DEFAULT_TEXT, TextData, TrainConfig, cosine_lr, make_optimizer, train_step
-from ..weights import from_pretrained, save_pretrained
+from ..hardware import cpu_description
+from ..loading import from_pretrained
+from ..loading.files import atomic_file, build_directory, cache_dir
+from ..loading.weights import save_pretrained
+from ..training import cosine_lr, make_optimizer, train_step
+from .train_tiny import DEFAULT_TEXT, TextData
 
 METHODS = ("rope", "linear", "dynamic", "yarn", "dca", "dca_scaled")
 DEFAULT_OUT = Path("notebooks/results/extrapolation.json")
@@ -225,7 +223,7 @@ def train_model(config: ExperimentConfig, text: TextData, log_every: int = 100) 
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = Qwen2ForCausalLM(config.model_config())
-    optimizer = make_optimizer(model, TrainConfig(lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay))
+    optimizer = make_optimizer(model, config)
     loss_fn = MixedLoss(model, config.batch_size - round(config.batch_size * config.passkey_fraction))
     model.train()
     start = time.perf_counter()
@@ -241,28 +239,20 @@ def train_model(config: ExperimentConfig, text: TextData, log_every: int = 100) 
 def checkpoint_dir(config: ExperimentConfig, text_sha256: str) -> Path:
     """``<minqwen cache>/extrapolation/<hash>``, the hash of the training settings and the text."""
     key = json.dumps({**config.training(), "text": text_sha256, "format": FORMAT_VERSION}, sort_keys=True)
-    return hub.cache_dir() / "extrapolation" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "extrapolation" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def cached_model(config: ExperimentConfig, text: TextData) -> tuple[Qwen2ForCausalLM, bool]:
-    """The trained model and whether it came from the cache; a fresh one is saved atomically
-    (written to a temporary directory beside the target, then renamed)."""
+    """The trained model and whether it came from the cache; a fresh one is built once, under the
+    cache's lock, into a temporary directory that is renamed into place when complete."""
     target = checkpoint_dir(config, text.sha256)
-    if (target / "config.json").is_file():
-        return from_pretrained(target).eval(), True
-    model = train_model(config, text)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_pretrained(model, tmp)
+    cached = (target / "config.json").is_file()
+
+    def train_and_save(tmp: Path) -> None:
+        save_pretrained(train_model(config, text), tmp)
         (tmp / "settings.json").write_text(json.dumps(config.training(), indent=2) + "\n")
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # another run did not finish it first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model, False
+
+    return from_pretrained(build_directory(train_and_save, target)).eval(), cached
 
 
 # --------------------------------------------------------------------------- methods
@@ -419,19 +409,6 @@ def sweep_dca(model: Qwen2ForCausalLM, config: ExperimentConfig) -> tuple[DcaCho
     return DcaChoice(best["chunk_size"], best["local_size"]), rows
 
 
-def machine() -> dict[str, Any]:
-    """CPU model and the SIMD flags that change float rounding, from lscpu (Linux) or platform."""
-    info = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {**info, "cpu": platform.processor()}
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    flags = fields.get("Flags", "").split()
-    simd = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")) or f in ("f16c",)]
-    return {**info, "cpu": fields.get("Model name", "?").strip(), "simd_flags": sorted(simd)}
-
-
 def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     """Train (or load) the model, sweep DCA, evaluate every cell; returns the results dict."""
     torch.set_num_threads(config.threads)
@@ -477,7 +454,7 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()},
         "checkpoint_from_cache": cached,
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": cpu_description(),
         "torch": torch.__version__,
         "threads": config.threads,
         "cpu_seconds": round(time.process_time() - cpu_start, 1),
@@ -486,17 +463,9 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
-    """Write ``results`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(results, indent=1) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``results`` to ``path`` atomically: a reader never sees half a file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 def format_table(results: dict[str, Any]) -> str:
