@@ -74,6 +74,36 @@ def check_exercise_merge_pair(merge_pair: Callable[..., Any]) -> bool:
     )
 
 
+def check_exercise_learn_merges(learn_merges: Callable[..., Any]) -> bool:
+    """Notebook 01: ``learn_merges(pieces, num_merges)`` -> the merges BPE training learns, in order.
+
+    Count every adjacent pair of byte-level symbols (each piece weighted by how often it occurs),
+    glue the most frequent pair everywhere (ties: the smaller pair), record it, repeat; stop early
+    when no pair occurs twice. Compared with :func:`minqwen.bpe.learn_merges` on small corpora.
+    """
+    import regex
+
+    from .bpe import QWEN2_PATTERN
+    from .bpe import learn_merges as expected
+
+    paragraph = "the cat sat on the mat; the rat sat on the cat. Then the cats sat, and that was that."
+    cases = {
+        "low lower newest widest": ([" low"] * 5 + [" lower"] * 2 + [" newest"] * 6 + [" widest"] * 3, 10),
+        "a tie goes to the smaller pair": (["cd", "ab", "cd", "ab"], 3),
+        "overlapping pairs, multi-byte characters": (["aaaa", "aaaa", " été", " été", "étés"], 6),
+        "stops when no pair occurs twice": (["abc", "xyz"], 5),
+        "a paragraph split by Qwen2's regex": (regex.findall(QWEN2_PATTERN, paragraph), 25),
+    }
+
+    def as_pairs(fn: Callable[..., Any]) -> Callable[..., list[tuple[str, str]]]:
+        return lambda pieces, num_merges: [tuple(pair) for pair in fn(list(pieces), num_merges)]
+
+    for name, (pieces, num_merges) in cases.items():
+        if not run_check(f"learning merges, {name}", as_pairs(learn_merges), as_pairs(expected), pieces, num_merges):
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- 02 embeddings and RMSNorm
 def check_exercise_rms_norm(rms_norm: Callable[..., Any]) -> bool:
     """Notebook 02: ``rms_norm(x, weight, eps)`` equals :class:`minqwen.norm.RMSNorm` with that weight.

@@ -188,3 +188,70 @@ def quantize_rows_truncating(weight):
 @pytest.mark.parametrize("wrong", [quantize_per_tensor, quantize_rows_truncating])
 def test_int8_rows_exercise(wrong, capsys):
     assert_exercise_check(exercises.check_exercise_int8_rows, quantize_rows, wrong, capsys, match="int8 per-row")
+
+
+# ------------------------------------------------------------------ 01 tokenizer: learning BPE merges
+def learn_merges(pieces, num_merges):
+    from minqwen.bpe import bytes_to_unicode  # the byte table only; the loop is written here
+
+    table = bytes_to_unicode()
+    counts = {}
+    for piece in pieces:
+        counts[piece] = counts.get(piece, 0) + 1
+    words = [([table[b] for b in piece.encode("utf-8")], n) for piece, n in counts.items()]
+    merges = []
+    while len(merges) < num_merges:
+        pair_counts = {}
+        for symbols, n in words:
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] = pair_counts.get(pair, 0) + n
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair), default=None)
+        if best is None or pair_counts[best] < 2:
+            break
+        merges.append(best)
+        words = [(glue(symbols, best), n) for symbols, n in words]
+    return merges
+
+
+def glue(symbols, pair):
+    out, i = [], 0
+    while i < len(symbols):
+        if tuple(symbols[i : i + 2]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def learn_merges_first_tie_wins(pieces, num_merges):
+    from collections import Counter
+
+    from minqwen.bpe import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    words = [([table[b] for b in piece.encode("utf-8")], n) for piece, n in Counter(pieces).items()]
+    merges = []
+    for _ in range(num_merges):
+        pair_counts = Counter(pair for symbols, n in words for pair in zip(symbols, symbols[1:]) for _ in range(n))
+        if not pair_counts or pair_counts.most_common(1)[0][1] < 2:
+            break
+        best = pair_counts.most_common(1)[0][0]  # ties: whichever pair was counted first
+        merges.append(best)
+        words = [(glue(symbols, best), n) for symbols, n in words]
+    return merges
+
+
+def learn_merges_ignoring_counts(pieces, num_merges):
+    return learn_merges(list(dict.fromkeys(pieces)), num_merges)  # each distinct piece once
+
+
+def learn_merges_never_stopping(pieces, num_merges):
+    merges = learn_merges(pieces, num_merges)
+    return merges + [("z", "z")] * (num_merges - len(merges))
+
+
+@pytest.mark.parametrize("wrong", [learn_merges_first_tie_wins, learn_merges_ignoring_counts, learn_merges_never_stopping])
+def test_learn_merges_exercise(wrong, capsys):
+    assert_exercise_check(exercises.check_exercise_learn_merges, learn_merges, wrong, capsys, match="learning merges")
