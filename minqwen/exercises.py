@@ -54,26 +54,6 @@ def check_exercise_next_token(next_token: Callable[..., Any]) -> bool:
 
 
 # --------------------------------------------------------------------------- 01 tokenizer
-def check_exercise_merge_pair(merge_pair: Callable[..., Any]) -> bool:
-    """Notebook 01: ``merge_pair(symbols, pair)`` glues every non-overlapping ``pair``, left to right."""
-    from .bpe import merge_pair as expected
-
-    cases = [
-        (["h", "u", "g", "s"], ("u", "g")),
-        (["a", "a", "a", "b"], ("a", "a")),  # overlapping: the left occurrence wins
-        (["Ġ", "t", "h", "e", "Ġ", "t", "h"], ("t", "h")),  # every occurrence
-        (["ab", "c", "ab", "c"], ("ab", "c")),  # symbols may already be merged
-        (["x"], ("x", "x")),
-        (["a", "b"], ("b", "a")),  # order matters
-    ]
-    return run_check(
-        "one merge step",
-        lambda cases: [merge_pair(list(symbols), pair) for symbols, pair in cases],
-        lambda cases: [expected(symbols, pair) for symbols, pair in cases],
-        cases,
-    )
-
-
 def check_exercise_learn_merges(learn_merges: Callable[..., Any]) -> bool:
     """Notebook 01: ``learn_merges(pieces, num_merges)`` -> the merges BPE training learns, in order.
 

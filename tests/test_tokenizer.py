@@ -360,33 +360,3 @@ def test_broken_files_and_empty_directories_are_named(tmp_path):
         Tokenizer.from_pretrained(empty)
     with pytest.raises(ValueError, match="unknown checkpoint 'no-such-model'"):
         Tokenizer.from_pretrained("no-such-model")
-
-
-# ---------------------------------------------------------------------------- notebook 01's exercise
-def test_merge_pair_exercise_check(capsys):
-    from minqwen.exercises import check_exercise_merge_pair
-
-    def solution(symbols, pair):  # the notebook's solution, written independently of minqwen.bpe
-        merged, i = [], 0
-        while i < len(symbols):
-            if symbols[i : i + 2] == list(pair):
-                merged.append(pair[0] + pair[1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        return merged
-
-    def stub(symbols, pair):
-        raise NotImplementedError
-
-    def glues_only_the_first(symbols, pair):
-        for i in range(len(symbols) - 1):
-            if (symbols[i], symbols[i + 1]) == pair:
-                return symbols[:i] + [pair[0] + pair[1]] + symbols[i + 2 :]
-        return symbols
-
-    assert check_exercise_merge_pair(solution) and "correct" in capsys.readouterr().out
-    assert not check_exercise_merge_pair(stub) and "not done yet" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="one merge step"):
-        check_exercise_merge_pair(glues_only_the_first)
