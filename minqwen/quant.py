@@ -35,7 +35,8 @@ out, 2)), the layout PyTorch's CPU kernel ``torch._weight_int4pack_mm_for_cpu`` 
 The codes themselves it wants re-ordered for its vector width (a layout that differs between
 AVX-512, AVX2 and plain CPUs), so that copy is made once per layer when the model is loaded
 (:meth:`Int4Linear.pack_for_kernel`); the state dict keeps the portable layout above.
-``MINQWEN_INT4_KERNEL=auto|fused|dequant`` picks the path like ``MINQWEN_INT8_KERNEL``.
+``MINQWEN_INT4_KERNEL=auto|fused|dequant`` picks the path like ``MINQWEN_INT8_KERNEL`` (``auto``
+uses the kernel up to :data:`INT4_KERNEL_MAX_ROWS` rows: widening int4 costs more than int8).
 """
 
 from __future__ import annotations
@@ -66,8 +67,15 @@ INT4_CENTER = 8
 # 32 costs a quarter more bytes per weight for little loss, 128 loses clearly more.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_GROUP_SIZE = 64
+# The grid steps tried per group: (max - min) / 15, / 14, ... (see quantize_int4).
+INT4_GRID_STEPS = (15, 14, 13, 12)
 # The int4 kernel works on blocks of 16 output rows at least.
 INT4_KERNEL_ROWS_MULTIPLE = 16
+# Up to this many rows (tokens) ``auto`` runs the int4 kernel. Its alternative widens the whole
+# matrix on every call, so the kernel wins far beyond decoding: on the 2-core AVX-512 EPYC (busy,
+# so roughly) a (4864 x 896) product took 19 vs 146 ms at 64 rows, 120 vs 189 ms at 512 and was
+# even at 1024.
+INT4_KERNEL_MAX_ROWS = 512
 INT4_KERNEL_ENV = "MINQWEN_INT4_KERNEL"
 
 
@@ -180,10 +188,12 @@ class Int8Linear(nn.Module):
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-wise asymmetric int4: weight (out, in) float -> (codes uint8 (out, in) in [0, 15], scale_and_zero bf16 (in/group, out, 2)).
 
-    Each group of ``group_size`` inputs of a row maps its [min, max] onto the 16 codes:
-    ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` (the value code 8 stands for).
-    Both are rounded to bf16 *before* the codes are chosen, so the codes are the best ones for
-    the scale and zero point the kernel will actually use.
+    Each group of ``group_size`` inputs of a row is mapped onto 16 evenly spaced levels
+    ``(Q - 8) * scale + zero``. The obvious grid spreads [min, max] over all 16 (``scale =
+    (max - min) / 15``), but a slightly wider step anchored at the min or the max often fits the
+    group's values better, so :data:`INT4_GRID_STEPS` candidates are tried per group and the one
+    with the least squared error kept (llama.cpp searches its k-quant grids the same way). Scale
+    and zero are rounded to bf16 *before* the codes are chosen: they are what the kernel uses.
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_int4 needs a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
@@ -194,14 +204,29 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tu
         )
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(dim=2), groups.amax(dim=2)  # (out, groups)
+    low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)  # (out, groups, 1)
     flat = high == low  # a constant group: any positive scale reproduces it
-    scale = torch.where(flat, low.abs().clamp_min(1.0e-8), (high - low) / (INT4_LEVELS - 1)).bfloat16().float()
-    zero = (low + INT4_CENTER * scale).bfloat16().float()
-    codes = torch.round((groups - zero[..., None]) / scale[..., None]) + INT4_CENTER
-    codes = codes.clamp_(0, INT4_LEVELS - 1).to(torch.uint8).reshape(out_features, in_features)
-    scale_and_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
+    best = None
+    for steps in INT4_GRID_STEPS:
+        scale = torch.where(flat, low.abs().clamp_min(1.0e-8), (high - low) / steps).bfloat16().float()
+        for bottom in (low, high - (INT4_LEVELS - 1) * scale):  # the grid anchored at the min, then at the max
+            candidate = int4_grid(groups, scale, (bottom + INT4_CENTER * scale).bfloat16().float())
+            if best is None:
+                best = candidate
+            else:
+                better = candidate[0] < best[0]
+                best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
+    _, codes, scale, zero = best
+    codes = codes.to(torch.uint8).reshape(out_features, in_features)
+    scale_and_zero = torch.stack([scale[..., 0].t(), zero[..., 0].t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
     return codes, scale_and_zero
+
+
+def int4_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The nearest codes on one grid per group, and its squared error: (error (out, groups, 1), codes, scale, zero)."""
+    codes = (torch.round((groups - zero) / scale) + INT4_CENTER).clamp_(0, INT4_LEVELS - 1)
+    error = ((codes - INT4_CENTER) * scale + zero - groups).square().sum(dim=2, keepdim=True)
+    return error, codes, scale.expand_as(error), zero.expand_as(error)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -216,10 +241,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float matrix an int4 weight stands for: ``(Q - 8) * scale + zero`` per group, in ``dtype``."""
-    codes = unpack_int4(packed).float()  # (out, in)
-    group_size = codes.shape[1] // scale_and_zero.shape[0]
-    scale, zero = (part.t().float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))  # (out, in) each
-    return ((codes - INT4_CENTER) * scale + zero).to(dtype)
+    out_features, groups = packed.shape[0], scale_and_zero.shape[0]
+    codes = unpack_int4(packed).view(out_features, groups, -1).to(dtype)  # (out, groups, group_size)
+    scale, zero = (part.t()[..., None].to(dtype) for part in scale_and_zero.unbind(-1))  # (out, groups, 1) each
+    return ((codes - INT4_CENTER) * scale + zero).reshape(out_features, -1)
 
 
 def int4_kernel_available(device: torch.device) -> bool:
@@ -281,7 +306,7 @@ class Int4Linear(nn.Module):
     def uses_kernel(self, rows: int) -> bool:
         """Whether a product with ``rows`` rows runs the int4 kernel (``MINQWEN_INT4_KERNEL`` decides, as for int8)."""
         mode = kernel_mode(INT4_KERNEL_ENV, "int4", int4_kernel_available(self.weight.device), self.weight.device, "torch._weight_int4pack_mm_for_cpu")
-        return mode != "dequant" and (mode == "fused" or rows <= KERNEL_MAX_ROWS) and self.kernel_ready()
+        return mode != "dequant" and (mode == "fused" or rows <= INT4_KERNEL_MAX_ROWS) and self.kernel_ready()
 
     def kernel_ready(self) -> bool:
         """Whether :meth:`_fused` may run: a CPU with the kernel and a multiple of 16 output rows."""

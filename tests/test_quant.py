@@ -14,6 +14,7 @@ from minqwen import hub
 from minqwen.quant import (
     INT4_CENTER,
     INT4_KERNEL_ENV,
+    INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_ENV,
     KERNEL_MAX_ROWS,
     QUANTIZED_LINEARS,
@@ -215,12 +216,22 @@ def test_int4_round_trip_error_is_at_most_half_a_step_per_group(group_size):
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
     assert scale_and_zero.shape == (256 // group_size, 48, 2) and scale_and_zero.dtype == torch.bfloat16
     groups = codes.view(48, -1, group_size)
-    assert (groups.amax(dim=2) - groups.amin(dim=2) >= 14).all(), "every group should use (almost) all 16 codes"
+    assert (groups.amax(dim=2) - groups.amin(dim=2) >= 11).all(), "every group should spread over most of the 16 codes"
     scale, zero = (part.t().float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))
     error = (dequantize_int4(pack_int4(codes), scale_and_zero) - weight).abs()
     assert (error <= scale / 2 + zero.abs() * 2**-8 + 1e-7).all()  # half a step, plus the bf16 rounding of the zero point
     explicit = (codes.float() - INT4_CENTER) * scale + zero  # the formula, spelled out
     torch.testing.assert_close(dequantize_int4(pack_int4(codes), scale_and_zero), explicit, rtol=0, atol=0)
+
+
+def test_int4_finds_a_grid_that_skips_the_end_codes():
+    """Values on 14 evenly spaced levels (an already-4-bit weight, say): min-max would miss them, the search does not."""
+    torch.manual_seed(0)
+    levels = torch.randint(0, 14, (32, 64)).float()
+    levels[:, 0], levels[:, 1] = 0, 13  # every row spans all 14 levels
+    weight = (levels - 6.5) * 0.0625  # a step exact in bf16
+    codes, scale_and_zero = quantize_int4(weight, 64)
+    torch.testing.assert_close(dequantize_int4(pack_int4(codes), scale_and_zero), weight, rtol=0, atol=1e-6)
 
 
 def test_int4_constant_groups_are_reproduced():
@@ -251,12 +262,12 @@ def int4_kernel(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5, INT4_KERNEL_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_int4_path_equals_linear_with_dequantized_weight(rows, bias, int4_kernel):
     linear = random_linear(128, 48, bias).to(torch.bfloat16)
     layer = Int4Linear.from_linear(linear, group_size=32)
-    expected_kernel = int4_kernel == "fused" or (int4_kernel == "auto" and rows <= KERNEL_MAX_ROWS)
+    expected_kernel = int4_kernel == "fused" or (int4_kernel == "auto" and rows <= INT4_KERNEL_MAX_ROWS)
     assert layer.kernel_ready() and layer.uses_kernel(rows) == expected_kernel
     x = torch.randn(rows, 128).to(torch.bfloat16)
     expected = F.linear(x.float(), layer.dequantize(), None if linear.bias is None else linear.bias.float())
@@ -307,13 +318,14 @@ def int4_ready_config(**overrides):
 
 
 @pytest.mark.parametrize("lm_head", [True, False])
-def test_int4_model_equals_its_dequantized_twin_fp32(lm_head):
+def test_int4_model_equals_its_dequantized_twin_fp32(lm_head, monkeypatch):
+    monkeypatch.setenv(INT4_KERNEL_ENV, "dequant")  # the exact fp32 path (the kernel takes bf16 activations)
     original = random_model(int4_ready_config())
     model = quantize(copy.deepcopy(original), "int4", lm_head=lm_head, group_size=32)
     assert isinstance(model.lm_head, Int4Linear) == lm_head
     assert isinstance(model.model.layers[1].mlp.down_proj, Int4Linear)
     twin = dequantized_twin(model, original)
-    ids = torch.randint(0, 257, (2, KERNEL_MAX_ROWS + 3))  # prefill: the widened (fp32) path
+    ids = torch.randint(0, 257, (2, KERNEL_MAX_ROWS + 3))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), twin(ids), rtol=1e-5, atol=1e-5)
 
@@ -370,7 +382,7 @@ def test_from_pretrained_int4_maps_a_prepared_copy_made_once(tmp_path):
     for param in in_memory.parameters():
         param.data = param.data.to(torch.bfloat16)
     with torch.no_grad():
-        for ids in (torch.randint(0, 257, (1, 12)), torch.randint(0, 257, (1, 1))):  # prefill (widened), one token (kernel)
+        for ids in (torch.randint(0, 257, (1, 12)), torch.randint(0, 257, (1, 1))):  # a prompt, one token
             for loaded in (first, second):
                 torch.testing.assert_close(loaded(ids), in_memory(ids), rtol=0, atol=0)
 
@@ -443,3 +455,17 @@ def test_int8_greedy_continuation_starts_like_bf16(real_int8_and_bf16, real_toke
         ours = minqwen.generate(int8, ids, max_new_tokens=4, stop_token_ids=[])
         theirs = minqwen.generate(bf16, ids, max_new_tokens=4, stop_token_ids=[])
         assert ours[:2] == theirs[:2], (prompt, real_tokenizer.decode(ours), real_tokenizer.decode(theirs))
+
+
+def test_int4_mean_loss_is_within_3_percent_of_bf16(real_tokenizer):
+    """Two windows of 512 tokens of the shipped text: cheap, and enough to catch a broken int4."""
+    from minqwen.evaluate import perplexity
+    from minqwen.recipes.train_tiny import DEFAULT_TEXT
+
+    bf16 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16)
+    int4 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16, quantize="int4")
+    assert isinstance(int4.model.layers[0].mlp.down_proj, Int4Linear)
+    ids = real_tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:1023]
+    windows = dict(context_length=512, stride=511)  # two windows, each token scored once
+    ours, reference = perplexity(int4, ids, **windows).nll, perplexity(bf16, ids, **windows).nll
+    assert abs(ours - reference) <= 0.03 * reference, f"mean NLL int4 {ours:.4f} vs bf16 {reference:.4f}"
