@@ -26,7 +26,8 @@ def test_every_kernel_computes_the_same_product(monkeypatch):
         for ours, reference in zip(outputs[name], outputs["fp32"]):
             assert (ours - reference).abs().max() <= tolerance * reference.abs().max() + 1e-3, name
     assert products["fp32"][1] == 4 * 3 * 48 * 64 and products["int8 (bf16 act.)"][1] == 3 * 48 * 64
-    assert products[kernels.INT4_NAME][1] == 3 * 48 * 64 // 2 + 3 * 48 * 2 * 2  # half a byte a weight, plus 2 bf16 per row and group of 64
+    groups = 64 // kernels.INT4_GROUP_SIZE
+    assert products[kernels.INT4_NAME][1] == 3 * 48 * 64 // 2 + 3 * groups * 48 * 2 * 2  # half a byte a weight, plus 2 bf16 per row and group
 
 
 def test_rate_is_bytes_over_seconds():

@@ -13,6 +13,7 @@ import minqwen
 from minqwen import hub
 from minqwen.quant import (
     INT4_CENTER,
+    INT4_GROUP_SIZE,
     INT4_KERNEL_ENV,
     INT4_KERNEL_MAX_ROWS,
     INT8_KERNEL_ENV,
@@ -373,7 +374,7 @@ def test_from_pretrained_int4_maps_a_prepared_copy_made_once(tmp_path):
     minqwen.save_pretrained(original, path)
     first = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
     prepared = list((tmp_path / "cache" / "prepared").rglob("*.safetensors"))
-    assert [p.name.split(".")[1] for p in prepared] == ["int4g64-bfloat16"]  # the group size is part of the name
+    assert [p.name.split(".")[1] for p in prepared] == [f"int4g{INT4_GROUP_SIZE}-bfloat16"]  # the group size is part of the name
     stamp = prepared[0].stat().st_mtime_ns
     second = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
     assert prepared[0].stat().st_mtime_ns == stamp, "the prepared copy is reused, not rewritten"

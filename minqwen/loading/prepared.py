@@ -45,7 +45,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """``"bfloat16"``, ``"int8-bfloat16"``, ``"int4g64-bfloat16"`` ..."""
+        """``"bfloat16"``, ``"int8-bfloat16"``, ``"int4g32-bfloat16"`` ..."""
         name = str(self.dtype).removeprefix("torch.")
         return f"{scheme_tag(self.scheme)}-{name}" if self.scheme else name
 
