@@ -458,15 +458,16 @@ def test_int8_greedy_continuation_starts_like_bf16(real_int8_and_bf16, real_toke
         assert ours[:2] == theirs[:2], (prompt, real_tokenizer.decode(ours), real_tokenizer.decode(theirs))
 
 
-def test_int4_mean_loss_is_within_3_percent_of_bf16(real_tokenizer):
-    """Two windows of 512 tokens of the shipped text: cheap, and enough to catch a broken int4."""
+def test_int4_mean_loss_is_within_3_percent_of_bf16(real_int8_and_bf16, real_tokenizer):
+    """The README's measurement (3 windows of 1024 tokens): +2.2 % with groups of 32. Shorter
+    windows are noisier: the first 1023 tokens in windows of 512 gave +3.3 %."""
     from minqwen.evaluate import perplexity
     from minqwen.recipes.train_tiny import DEFAULT_TEXT
 
-    bf16 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16)
+    _, bf16 = real_int8_and_bf16
     int4 = minqwen.from_pretrained(hub.DEFAULT_CHECKPOINT, dtype=torch.bfloat16, quantize="int4")
     assert isinstance(int4.model.layers[0].mlp.down_proj, Int4Linear)
-    ids = real_tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:1023]
-    windows = dict(context_length=512, stride=511)  # two windows, each token scored once
+    ids = real_tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:QUALITY_TOKENS]
+    windows = dict(context_length=1024, stride=1023)
     ours, reference = perplexity(int4, ids, **windows).nll, perplexity(bf16, ids, **windows).nll
     assert abs(ours - reference) <= 0.03 * reference, f"mean NLL int4 {ours:.4f} vs bf16 {reference:.4f}"
