@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from minqwen.hardware import cpu_description, measure_bandwidth
-from minqwen.quant import quantize_int8
+from minqwen.quant import INT4_GROUP_SIZE, quantize_int4, quantize_int8
 
 SHAPES = {"q+k+v": (1152, 896), "gate/up": (4864, 896), "down": (896, 4864), "lm_head": (151936, 896)}
 BYTES_PER_SHAPE = 256 * 2**20  # fp32 bytes of the matrices cycled through per shape (beyond any cache)
@@ -44,12 +44,24 @@ def kernels_for(out_features: int, in_features: int) -> dict[str, tuple[list, in
     x = torch.randn(1, in_features)
     bf16 = [w.bfloat16() for w in weights]
     int8 = [quantize_int8(w) for w in weights]
+    int4 = [int4_operands(w) for w in weights]  # (codes in the kernel's layout, scales and zero points)
     x16, elements = x.bfloat16(), count * out_features * in_features
+    int4_bytes = elements // 2 + sum(sz.nbytes for _, sz in int4)
     return {
         "fp32": ([lambda w=w: F.linear(x, w) for w in weights], 4 * elements),
         "bf16": ([lambda w=w: F.linear(x16, w) for w in bf16], 2 * elements),
         "int8 (bf16 act.)": ([lambda q=q, s=s.bfloat16(): torch._weight_int8pack_mm(x16, q, s) for q, s in int8], elements),
+        INT4_NAME: ([lambda q=q, sz=sz: torch._weight_int4pack_mm_for_cpu(x16, q, INT4_GROUP_SIZE, sz) for q, sz in int4], int4_bytes),
     }
+
+
+INT4_NAME = f"int4 g{INT4_GROUP_SIZE} (bf16 act.)"
+
+
+def int4_operands(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``torch._weight_int4pack_mm_for_cpu`` reads: the codes packed for this CPU, and the bf16 scales and zero points."""
+    codes, scale_and_zero = quantize_int4(weight, INT4_GROUP_SIZE)
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_and_zero
 
 
 def main() -> None:

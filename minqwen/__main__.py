@@ -3,6 +3,7 @@
     python -m minqwen "The capital of France is"          # no command: generate
     python -m minqwen generate "def fib(n):" --max-new-tokens 64 --temperature 0.7 --seed 0
     python -m minqwen generate "def fib(n):" --device auto   # a GPU when there is one (cuda, then mps)
+    python -m minqwen generate "def fib(n):" --dtype bfloat16 --quantize int4   # the smallest weights
     python -m minqwen chat --system "You are a terse assistant."
     python -m minqwen eval --text notes.txt --stride 512
     python -m minqwen train --out-dir runs/tiny
@@ -29,6 +30,7 @@ from .recipes import lora_demo, train_tiny
 from .sampling import GenerationConfig
 from .tokenizer import Tokenizer
 from .loading import from_pretrained
+from .quant import SCHEMES
 
 PROG = "python -m minqwen"
 GENERATE_SAMPLING = GenerationConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)  # greedy
@@ -48,7 +50,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- shared options
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --dtype and --device: which weights to load, in which precision, where."""
+    """--checkpoint, --dtype, --quantize and --device: which weights to load, in which precision, where."""
     parser.add_argument(
         "--checkpoint",
         default=DEFAULT_CHECKPOINT,
@@ -59,6 +61,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16"),
         default="float32",
         help="weight precision; float32 is usually faster on CPUs without bf16 units (default: float32)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=SCHEMES,
+        default=None,
+        help="weight-only quantisation of the linear layers, activations in --dtype: int8 or int4 (group-wise, the smallest); default: none",
     )
     parser.add_argument(
         "--device",
@@ -92,8 +100,9 @@ def load(args: argparse.Namespace):
     """The model and tokenizer named by --checkpoint, in --dtype, on --device; reports the time on stderr."""
     device = pick_device(args.device)  # an unusable device fails before the slow part
     start = time.perf_counter()
-    print(f"loading {args.checkpoint} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
-    model = from_pretrained(args.checkpoint, dtype=args.dtype).to(device)
+    precision = f"{args.quantize} weights, {args.dtype} activations" if args.quantize else args.dtype
+    print(f"loading {args.checkpoint} ({precision}, {device}) ...", file=sys.stderr, flush=True)
+    model = from_pretrained(args.checkpoint, dtype=args.dtype, quantize=args.quantize, device=device)
     tokenizer = Tokenizer.from_pretrained(args.checkpoint)
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model, tokenizer

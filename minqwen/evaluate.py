@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .loss import IGNORE_INDEX, lm_loss, shift_labels
 from .model import Qwen2ForCausalLM
+from .quant import SCHEMES
 
 DEFAULT_CONTEXT = 1024
 
@@ -103,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="qwen2.5-coder-0.5b-instruct",
                         help="a known name, a .gguf file or an HF-format directory, e.g. a checkpoint of `train` (default: the real 0.5B)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weight precision (default: float32)")
-    parser.add_argument("--quantize", default=None, help="weight-only quantisation scheme, e.g. int8 (default: none)")
+    parser.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantisation scheme: int8 or int4 (default: none)")
     parser.add_argument("--context-length", type=int, default=None, help=f"tokens per window (default: {DEFAULT_CONTEXT} or the model's context if smaller)")
     parser.add_argument("--stride", type=int, default=None, help="tokens the window moves each time (default: half the context length)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")

@@ -1,4 +1,4 @@
-"""int8 weight-only quantisation: half the bytes of bf16 for every weight a token reads.
+"""Weight-only quantisation, int8 and int4: fewer bytes for every weight a token reads.
 
 Decoding one token is a matrix-vector product per linear layer, so its speed is set by how many
 bytes of weights come out of memory. Storing each weight as one signed byte with one scale per
@@ -23,6 +23,20 @@ as above. On devices without the kernel (CUDA, MPS) ``auto`` widens for every pr
 The embedding table stays in the model's dtype (a token reads one row of it, so int8 would save
 memory but no time). The LM head is quantised too by default: at 151936 x 896 it is a quarter of
 the bytes a token reads; ``lm_head=False`` keeps it in the model's dtype.
+
+int4 halves the bytes again, with a scale *and a zero point* per group of ``group_size``
+consecutive inputs of a row (one scale per row is too coarse at 16 levels):
+
+    W[o, k] ~= (Q[o, k] - 8) * scale[g, o] + zero[g, o],   g = k // group_size,   Q in [0, 15].
+
+The codes are stored two to a byte (``weight``: uint8 (out, in / 2), the even input in the low
+nibble), the scales and zero points as one bf16 tensor (``weight_scale_and_zero``: (in / group,
+out, 2)), the layout PyTorch's CPU kernel ``torch._weight_int4pack_mm_for_cpu`` reads them in.
+The codes themselves it wants re-ordered for its vector width (a layout that differs between
+AVX-512, AVX2 and plain CPUs), so that copy is made once per layer when the model is loaded
+(:meth:`Int4Linear.pack_for_kernel`); the state dict keeps the portable layout above.
+``MINQWEN_INT4_KERNEL=auto|fused|dequant`` picks the path like ``MINQWEN_INT8_KERNEL`` (``auto``
+uses the kernel up to :data:`INT4_KERNEL_MAX_ROWS` rows: widening int4 costs more than int8).
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from torch import nn
 from .linear import env_choice, gemm_dtype
 from .model import is_skeleton
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int4")
 INT8_MAX = 127
 # Up to this many rows the fused int8 kernel is used; above, widen the weights and run a GEMM.
 KERNEL_MAX_ROWS = 8
@@ -44,7 +58,27 @@ KERNEL_BLOCK = 16
 KERNEL_ALIGNMENT = 64
 # Forces Int8Linear's path: "fused" (the int8 kernel), "dequant" (widen, then an ordinary GEMM) or "auto".
 INT8_KERNEL_ENV = "MINQWEN_INT8_KERNEL"
-INT8_KERNEL_MODES = ("auto", "fused", "dequant")
+KERNEL_MODES = ("auto", "fused", "dequant")
+
+# int4: 16 levels; the kernel's codes are unsigned and centred on 8.
+INT4_LEVELS = 16
+INT4_CENTER = 8
+# Group sizes the CPU kernel takes. 32 is the default, chosen by measurement on the real 0.5B
+# (mean next-token loss on the shipped text, 3 x 1024 tokens; README): +2.2 % over bf16 at 5 bits
+# a weight (4 + a bf16 scale and zero per 32), where 64 gives +2.9 % at 4.5 bits, too close to
+# the 3 % bound.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_GROUP_SIZE = 32
+# The grid steps tried per group: (max - min) / 15, / 14, ... (see quantize_int4).
+INT4_GRID_STEPS = (15, 14, 13, 12)
+# The int4 kernel works on blocks of 16 output rows at least.
+INT4_KERNEL_ROWS_MULTIPLE = 16
+# Up to this many rows (tokens) ``auto`` runs the int4 kernel. Its alternative widens the whole
+# matrix on every call, so the kernel wins far beyond decoding: on the 2-core AVX-512 EPYC (busy,
+# so roughly) a (4864 x 896) product took 19 vs 146 ms at 64 rows, 120 vs 189 ms at 512 and was
+# even at 1024.
+INT4_KERNEL_MAX_ROWS = 512
+INT4_KERNEL_ENV = "MINQWEN_INT4_KERNEL"
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +103,17 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 def int8_kernel_available(device: torch.device) -> bool:
     """Whether the fused int8 x bf16 matrix kernel can run on ``device`` (CPU builds of PyTorch have it)."""
     return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+
+
+def kernel_mode(env: str, scheme: str, available: bool, device: torch.device, kernel: str) -> str:
+    """``auto``, ``fused`` or ``dequant`` from environment variable ``env``; ``fused`` without the kernel is a ``ValueError``."""
+    mode = env_choice(env, KERNEL_MODES)
+    if mode == "fused" and not available:
+        raise ValueError(
+            f"{env}=fused, but there is no {scheme} kernel for device {device.type!r} "
+            f"(only CPU builds of PyTorch have {kernel}); use dequant or auto"
+        )
+    return mode
 
 
 def aligned(tensor: torch.Tensor, alignment: int = KERNEL_ALIGNMENT) -> torch.Tensor:
@@ -116,12 +161,7 @@ class Int8Linear(nn.Module):
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a product with ``rows`` rows runs the fused kernel (``MINQWEN_INT8_KERNEL`` decides, see above)."""
-        mode = env_choice(INT8_KERNEL_ENV, INT8_KERNEL_MODES)
-        if mode == "fused" and not int8_kernel_available(self.weight.device):
-            raise ValueError(
-                f"{INT8_KERNEL_ENV}=fused, but there is no int8 kernel for device {self.weight.device.type!r} "
-                "(only CPU builds of PyTorch have torch._weight_int8pack_mm); use dequant or auto"
-            )
+        mode = kernel_mode(INT8_KERNEL_ENV, "int8", int8_kernel_available(self.weight.device), self.weight.device, "torch._weight_int8pack_mm")
         return mode != "dequant" and (mode == "fused" or rows <= KERNEL_MAX_ROWS) and self.kernel_ready()
 
     def kernel_ready(self) -> bool:
@@ -146,21 +186,192 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-def quantize(model: nn.Module, scheme: str = "int8", lm_head: bool = True) -> nn.Module:
-    """Replace the model's linear layers by int8 ones, in place; returns the model.
+# --------------------------------------------------------------------------- int4
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4: weight (out, in) float -> (codes uint8 (out, in) in [0, 15], scale_and_zero bf16 (in/group, out, 2)).
+
+    Each group of ``group_size`` inputs of a row is mapped onto 16 evenly spaced levels
+    ``(Q - 8) * scale + zero``. The obvious grid spreads [min, max] over all 16 (``scale =
+    (max - min) / 15``), but a slightly wider step anchored at the min or the max often fits the
+    group's values better, so :data:`INT4_GRID_STEPS` candidates are tried per group and the one
+    with the least squared error kept (llama.cpp searches its k-quant grids the same way). Scale
+    and zero are rounded to bf16 *before* the codes are chosen: they are what the kernel uses.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int4 needs a 2-D floating-point weight, got {weight.dtype} {tuple(weight.shape)}")
+    if group_size not in INT4_GROUP_SIZES or weight.shape[1] % group_size:
+        raise ValueError(
+            f"int4 groups: group_size must be one of {INT4_GROUP_SIZES} and divide in_features; "
+            f"got group_size={group_size} for a weight of shape {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)  # (out, groups, 1)
+    flat = high == low  # a constant group: any positive scale reproduces it
+    best = None
+    for steps in INT4_GRID_STEPS:
+        scale = torch.where(flat, low.abs().clamp_min(1.0e-8), (high - low) / steps).bfloat16().float()
+        for bottom in (low, high - (INT4_LEVELS - 1) * scale):  # the grid anchored at the min, then at the max
+            candidate = int4_grid(groups, scale, (bottom + INT4_CENTER * scale).bfloat16().float())
+            if best is None:
+                best = candidate
+            else:
+                better = candidate[0] < best[0]
+                best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
+    _, codes, scale, zero = best
+    codes = codes.to(torch.uint8).reshape(out_features, in_features)
+    scale_and_zero = torch.stack([scale[..., 0].t(), zero[..., 0].t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
+    return codes, scale_and_zero
+
+
+def int4_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The nearest codes on one grid per group, and its squared error: (error (out, groups, 1), codes, scale, zero)."""
+    codes = (torch.round((groups - zero) / scale) + INT4_CENTER).clamp_(0, INT4_LEVELS - 1)
+    error = ((codes - INT4_CENTER) * scale + zero - groups).square().sum(dim=2, keepdim=True)
+    return error, codes, scale.expand_as(error), zero.expand_as(error)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte: (out, in) uint8 in [0, 15] -> (out, in / 2), the even input in the low nibble."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: (out, in / 2) uint8 -> (out, in) codes in [0, 15]."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float matrix an int4 weight stands for: ``(Q - 8) * scale + zero`` per group, in ``dtype``."""
+    out_features, groups = packed.shape[0], scale_and_zero.shape[0]
+    codes = unpack_int4(packed).view(out_features, groups, -1).to(dtype)  # (out, groups, group_size)
+    scale, zero = (part.t()[..., None].to(dtype) for part in scale_and_zero.unbind(-1))  # (out, groups, 1) each
+    return ((codes - INT4_CENTER) * scale + zero).reshape(out_features, -1)
+
+
+def int4_kernel_available(device: torch.device) -> bool:
+    """Whether PyTorch's int4 x bf16 CPU kernel (and its weight packer) can run on ``device``."""
+    return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+class Int4Linear(nn.Module):
+    """A drop-in for ``nn.Linear`` holding group-wise int4 weights (see the module docstring).
+
+    State-dict names follow the layer's: ``weight`` (uint8 (out, in / 2), two codes a byte),
+    ``weight_scale_and_zero`` (bf16 (in / group_size, out, 2)) and ``bias``. The kernel's own copy
+    of the codes is derived from ``weight`` (:meth:`pack_for_kernel`) and never saved.
+    Activations keep their dtype: the output has the dtype of the input.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None, group_size: int = INT4_GROUP_SIZE,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        groups = in_features // group_size
+        self.register_buffer("weight_scale_and_zero", torch.zeros(groups, out_features, 2, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._kernel_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (source weight, its version, packed copy)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
+        """Quantise an ``nn.Linear``; the bias (if any) keeps the linear's dtype."""
+        weight = linear.weight
+        if group_size not in INT4_GROUP_SIZES or linear.in_features % group_size:
+            raise ValueError(
+                f"int4 needs in_features divisible by group_size (one of {INT4_GROUP_SIZES}); "
+                f"got in_features={linear.in_features}, group_size={group_size}"
+            )
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device, group_size)
+        if is_skeleton(weight):
+            return layer
+        codes, layer.weight_scale_and_zero = quantize_int4(weight, group_size)
+        layer.weight = pack_int4(codes)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) float matrix this layer multiplies by."""
+        return dequantize_int4(self.weight, self.weight_scale_and_zero, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out)
+        rows = x.reshape(-1, self.in_features)  # (rows, in)
+        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether a product with ``rows`` rows runs the int4 kernel (``MINQWEN_INT4_KERNEL`` decides, as for int8)."""
+        mode = kernel_mode(INT4_KERNEL_ENV, "int4", int4_kernel_available(self.weight.device), self.weight.device, "torch._weight_int4pack_mm_for_cpu")
+        return mode != "dequant" and (mode == "fused" or rows <= INT4_KERNEL_MAX_ROWS) and self.kernel_ready()
+
+    def kernel_ready(self) -> bool:
+        """Whether :meth:`_fused` may run: a CPU with the kernel and a multiple of 16 output rows."""
+        return int4_kernel_available(self.weight.device) and self.out_features % INT4_KERNEL_ROWS_MULTIPLE == 0
+
+    def pack_for_kernel(self) -> torch.Tensor:
+        """The codes in the kernel's layout, made on first use and again only when ``weight`` changes."""
+        cached = self._kernel_weight
+        if cached is None or cached[0] is not self.weight or cached[1] != self.weight._version:
+            codes = unpack_int4(self.weight).to(torch.int32)  # (out, in)
+            cached = (self.weight, self.weight._version, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+            self._kernel_weight = cached
+        return cached[2]
+
+    def _fused(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out) with the int4 kernel, activations in bf16."""
+        activations = rows.to(torch.bfloat16).contiguous()
+        return torch._weight_int4pack_mm_for_cpu(activations, self.pack_for_kernel(), self.group_size, self.weight_scale_and_zero)
+
+    def _widened(self, rows: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, out) through an ordinary GEMM on the dequantised weight."""
+        dtype = gemm_dtype(rows.dtype, rows.device)
+        return F.linear(rows.to(dtype), self.dequantize(dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int4, group_size={self.group_size}"
+
+
+def scheme_tag(scheme: str) -> str:
+    """The scheme with what fixes its stored layout: ``"int8"``, ``"int4g32"`` (names prepared copies)."""
+    return f"{scheme}g{INT4_GROUP_SIZE}" if scheme == "int4" else scheme
+
+
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+def quantize(model: nn.Module, scheme: str = "int8", lm_head: bool = True, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+    """Replace the model's linear layers by int8 (or int4) ones, in place; returns the model.
 
     Every ``nn.Linear`` inside the decoder layers is quantised, and the LM head unless
     ``lm_head=False`` (a head tied to the embedding is never quantised: the table is shared).
-    Quantise a bf16 (or fp32) model; the activations keep the model's dtype.
+    Quantise a bf16 (or fp32) model; the activations keep the model's dtype. ``group_size``
+    is int4's (inputs per scale and zero point).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; supported: {', '.join(SCHEMES)}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and should_quantize(model, f"{name}.{child_name}".lstrip("."), lm_head):
-                setattr(module, child_name, Int8Linear.from_linear(child))
+            full_name = f"{name}.{child_name}".lstrip(".")
+            if isinstance(child, nn.Linear) and should_quantize(model, full_name, lm_head):
+                setattr(module, child_name, quantized_linear(child, scheme, group_size, full_name))
     model.quantization = scheme
     return model
+
+
+def quantized_linear(linear: nn.Linear, scheme: str, group_size: int, name: str) -> nn.Module:
+    """``linear`` as an :class:`Int8Linear` or :class:`Int4Linear`; a layer int4 cannot group is a ``ValueError`` naming it."""
+    if scheme == "int8":
+        return Int8Linear.from_linear(linear)
+    try:
+        return Int4Linear.from_linear(linear, group_size)
+    except ValueError as e:
+        raise ValueError(f"cannot quantise {name} to int4: {e}") from None
 
 
 def should_quantize(model: nn.Module, name: str, lm_head: bool) -> bool:

@@ -1,6 +1,6 @@
-"""benchmarks/bench.py's bookkeeping (configs, bytes per token, medians, ratios, targets, table, JSON),
-minqwen.hardware's figures, and one real end-to-end run on a tiny checkpoint: fresh worker
-processes for minqwen and HF."""
+"""benchmarks/bench.py's bookkeeping (configs, bytes per token, medians, ratios, targets, table, JSON,
+greedy agreement), minqwen.hardware's figures, one real end-to-end run on a tiny checkpoint (fresh
+worker processes for minqwen and HF), and llama.cpp on the real GGUF where llama-cpp-python is installed."""
 
 import json
 from pathlib import Path
@@ -20,7 +20,9 @@ def test_run_config_names_round_trip():
     for name in bench.CONFIGS:
         assert RunConfig.parse(name).name == name
     assert RunConfig.parse("minqwen-int8") == RunConfig("minqwen", "bfloat16", "int8")
-    for bad in ("hf-int8", "minqwen-float16", "llama-float32", "minqwen"):
+    assert RunConfig.parse("minqwen-int4") == RunConfig("minqwen", "bfloat16", "int4")
+    assert RunConfig.parse(bench.LLAMACPP_CONFIG).engine == "llamacpp"
+    for bad in ("hf-int8", "hf-int4", "minqwen-float16", "llama-float32", "llamacpp-float32", "minqwen"):
         with pytest.raises(ValueError, match="unknown configuration"):
             RunConfig.parse(bad)
 
@@ -123,6 +125,61 @@ def test_run_worker_measures_everything(config, tiny_checkpoint, tmp_path, monke
         assert result[key] > 0, key
     assert "prefill_32_tok_s" not in result  # long prefills run in the first repeat only
     assert result["bytes_per_token"] > 0
+    assert len(result["greedy_tokens"]) == 4 and all(isinstance(t, int) for t in result["greedy_tokens"])
+
+
+def test_agreement_counts_equal_tokens_from_the_first():
+    assert bench.agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 4
+    assert bench.agreement([1, 2, 9, 4], [1, 2, 3, 4]) == 2  # a later match after a difference does not count
+    assert bench.agreement([7, 2], [1, 2]) == 0
+    assert bench.agreement([1, 2], [1, 2, 3]) == 2
+    assert bench.agreement([], [1]) == 0
+
+
+def test_report_compares_greedy_tokens_with_fp32():
+    report = fake_report()
+    report.add({"config": "minqwen-float32", "repeat": 0, "decode_tok_s": 9.0, "greedy_tokens": [5, 6, 7, 8]})
+    report.add({"config": "minqwen-int8", "repeat": 0, "greedy_tokens": [5, 6, 0, 8]})
+    report.add({"config": bench.LLAMACPP_CONFIG, "repeat": 0, "decode_tok_s": 40.0, "rss_decode_mb": 700, "greedy_tokens": [5, 1, 7, 8]})
+    assert report.agreement("minqwen-int8") == 2 and report.agreement(bench.LLAMACPP_CONFIG) == 1
+    assert report.agreement("hf-float32") is None  # no tokens recorded
+    row = next(line for line in bench.format_table(report).splitlines() if line.startswith(f"| {bench.LLAMACPP_CONFIG} "))
+    assert row.endswith("| 1/4 |") and "40.0" in row
+    targets = {t.goal: t for t in bench.check_targets(report)}
+    assert targets["int8 decode >= 1.0x llama.cpp"].value == pytest.approx(33 / 40)
+    assert targets["int4 decode >= 1.3x llama.cpp"].met is None  # no int4 row
+    assert report.to_json()["agreement_with_fp32"]["minqwen-int8"] == 2
+
+
+def test_reference_tokens_only_are_not_a_row():
+    report = fake_report()
+    report.add({"config": "minqwen-float32", "repeat": -1, "load_s": 1.0, "greedy_tokens": [1, 2], "tokens_only": True})
+    assert report.tokens["minqwen-float32"] == [1, 2] and "minqwen-float32" not in report.samples
+
+
+def test_llamacpp_is_skipped_with_the_reason_when_not_installed(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(bench, "llamacpp_missing", lambda: "llama-cpp-python is not installed (test)")
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda: 20.0)
+    logged = []
+    report = bench.run_benchmark([RunConfig.parse(bench.LLAMACPP_CONFIG)], Settings(tiny_checkpoint, **TINY), log=logged.append)
+    assert report.skipped == {bench.LLAMACPP_CONFIG: "llama-cpp-python is not installed (test)"}
+    assert not report.samples and not report.errors
+    assert any("skipped, llama-cpp-python is not installed" in line for line in logged)
+
+
+def test_llamacpp_needs_a_gguf_file(tiny_checkpoint):
+    with pytest.raises(ValueError, match="llama.cpp runs GGUF files"):
+        bench.gguf_file(tiny_checkpoint)  # an HF-format directory
+
+
+@pytest.mark.skipif(bench.llamacpp_missing() is not None, reason=str(bench.llamacpp_missing()))
+def test_llamacpp_runs_the_real_gguf_greedily():
+    settings = Settings(minqwen.hub.DEFAULT_CHECKPOINT, **{**TINY, "threads": 2})
+    result = bench.run_worker(RunConfig.parse(bench.LLAMACPP_CONFIG), settings, repeat=1)
+    assert result["decode_tokens"] == 4 and result["decode_tok_s"] > 0 and result["load_s"] > 0
+    assert "bytes_per_token" not in result  # not a torch model: no bound
+    first = bench.run_worker(RunConfig.parse(bench.LLAMACPP_CONFIG), settings, repeat=1, tokens_only=True)["greedy_tokens"]
+    assert first == result["greedy_tokens"], "greedy from an empty context is deterministic"
 
 
 def test_main_runs_workers_and_writes_json(tiny_checkpoint, tmp_path, monkeypatch, capsys):
@@ -157,7 +214,7 @@ def test_tokenizer_subcommand_delegates(monkeypatch):
 
 def test_bad_settings_are_refused():
     with pytest.raises(SystemExit, match="unknown configuration"):
-        bench.main(["--configs", "minqwen-int4"])
+        bench.main(["--configs", "minqwen-int3"])
     with pytest.raises(SystemExit, match="must be"):
         bench.settings_from_args(bench.parse_args(["--repeats", "0"]))
 

@@ -116,6 +116,15 @@ def test_sampling_flags_with_a_seed_are_reproducible(tiny_checkpoint, capsys, mo
     assert first[0] == 0 and first[1] == run_main(flags, capsys, monkeypatch)[1]
 
 
+def test_quantize_flag_loads_quantized_weights(tiny_checkpoint, capsys, monkeypatch):
+    args = ["generate", "Hello", "--max-new-tokens", "3", "--checkpoint", tiny_checkpoint, "--dtype", "bfloat16", "--quantize", "int8"]
+    code, out, err = run_main(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert "(int8 weights, bfloat16 activations, cpu)" in err and out.startswith("Hello")
+    code, _, err = run_main(args[:-1] + ["int4"], capsys, monkeypatch)  # the tiny MLP's 56 inputs make no int4 groups
+    assert_one_line_error(code, err, 1, "cannot quantise model.layers.0.mlp.down_proj to int4")
+
+
 @pytest.mark.parametrize(
     "args,fragment",
     [
@@ -143,6 +152,7 @@ def test_bad_values_exit_1_with_one_line(args, fragment, capsys, monkeypatch):
         (["generate", "hi", "--top-k", "many"], "invalid int value: 'many'"),
         (["generate"], "the following arguments are required: prompt"),
         (["chat", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["generate", "hi", "--quantize", "int3"], "invalid choice: 'int3'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, fragment, capsys, monkeypatch):
@@ -154,7 +164,7 @@ def test_help_reads_well(capsys, monkeypatch):
     code, out, _ = run_main(["--help"], capsys, monkeypatch)
     assert code == 0 and "generate" in out and "chat" in out and "python -m minqwen" in out
     code, out, _ = run_main(["generate", "--help"], capsys, monkeypatch)
-    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--checkpoint", "--device"):
+    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--quantize", "--checkpoint", "--device"):
         assert flag in out
 
 

@@ -4,7 +4,7 @@
 - :mod:`~minqwen.loading.weights`: safetensors and HF-format directories; the one state-dict loader.
 - :mod:`~minqwen.loading.gguf`: GGUF metadata to config and tokenizer files, tensors to a state dict.
 - :mod:`~minqwen.loading.hub`: names, registry and hub downloads, :func:`~minqwen.loading.hub.resolve`.
-- :mod:`~minqwen.loading.prepared`: cached dtype / int8 copies of a checkpoint.
+- :mod:`~minqwen.loading.prepared`: cached dtype / int8 / int4 copies of a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from ..config import Qwen2Config
 from ..linear import use_cpu_linears
 from ..model import Qwen2ForCausalLM
-from ..quant import Int8Linear, aligned, int8_kernel_available
+from ..quant import Int4Linear, Int8Linear, aligned, int8_kernel_available
 from . import hub
 from .prepared import Variant, check_scheme, prepared_state_dict
 from .weights import build_model, check_dtype, save_pretrained
@@ -49,7 +49,7 @@ def from_pretrained(
 
     Three steps: **resolve** the name to a local HF-format directory (fetched / converted once
     into the cache, see :mod:`minqwen.loading.hub`); **prepare** the weights in ``dtype`` (and
-    ``quantize="int8"``, see :mod:`minqwen.quant`), through a cached copy when the checkpoint is
+    ``quantize="int8"`` or ``"int4"``, see :mod:`minqwen.quant`), through a cached copy when the checkpoint is
     stored otherwise (:mod:`minqwen.loading.prepared`); **load** them into a model built on the
     ``meta`` device, then move it to ``device``. On the CPU, every later call is a memory map.
     """
@@ -60,10 +60,13 @@ def from_pretrained(
     directory = hub.resolve(name_or_path)
     config = Qwen2Config.from_json(directory / "config.json")
     state_dict = prepared_state_dict(directory, config, Variant(dtype, quantize))
-    cast_to = None if quantize else dtype  # int8 weights and their fp32 scales stay as prepared
+    cast_to = None if quantize else dtype  # quantised weights and their scales stay as prepared
     model = build_model(config, state_dict, cast_to, attn_implementation, str(directory), quantize)
-
+    if device.type != "cpu":
+        return model.to(device)
     for module in model.modules():
         if isinstance(module, Int8Linear):  # the fused kernel needs aligned weights (prepared copies have them)
             module.weight = aligned(module.weight)
-    return use_cpu_linears(model) if device.type == "cpu" else model.to(device)
+        elif isinstance(module, Int4Linear) and module.kernel_ready():  # the kernel's layout, now rather than on the first token
+            module.pack_for_kernel()
+    return use_cpu_linears(model)

@@ -1,4 +1,4 @@
-"""Checkpoints prepared for a dtype or int8, cached so every later load is a memory map.
+"""Checkpoints prepared for a dtype, int8 or int4, cached so every later load is a memory map.
 
 A checkpoint stored in fp32 and loaded as bf16 (or int8) needs converting: reading 2.5 GB of fp32,
 writing a second copy, and holding both in memory for a moment. Done on every load, that is most
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import Qwen2Config
-from ..quant import SCHEMES, Int8Linear, quantize_int8
+from ..quant import SCHEMES, Int4Linear, Int8Linear, pack_int4, quantize_int4, quantize_int8, scheme_tag
 from .files import atomic_file, cache_dir, file_lock
 from .weights import SAFETENSORS_DTYPES, check_state_dict, meta_model, read_checkpoint_dir, read_safetensors, weight_files
 
@@ -45,9 +45,9 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """``"bfloat16"``, ``"int8-bfloat16"`` ..."""
+        """``"bfloat16"``, ``"int8-bfloat16"``, ``"int4g32-bfloat16"`` ..."""
         name = str(self.dtype).removeprefix("torch.")
-        return f"{self.scheme}-{name}" if self.scheme else name
+        return f"{scheme_tag(self.scheme)}-{name}" if self.scheme else name
 
 
 def short_hash(text: str) -> str:
@@ -79,12 +79,15 @@ def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def prepare_state_dict(config: Qwen2Config, source: dict[str, torch.Tensor], variant: Variant) -> dict[str, torch.Tensor]:
-    """The source tensors as ``variant`` stores them: int8 weight + scale where the scheme puts them."""
+    """The source tensors as ``variant`` stores them: quantised weights (and their scales) where the scheme puts them."""
     prepared: dict[str, torch.Tensor] = {}
     for name, module in meta_model(config, variant.scheme).named_modules():
         if isinstance(module, Int8Linear):
             weight, scale = quantize_int8(source[f"{name}.weight"])
             prepared[f"{name}.weight"], prepared[f"{name}.weight_scale"] = weight, scale
+        elif isinstance(module, Int4Linear):
+            codes, scale_and_zero = quantize_int4(source[f"{name}.weight"], module.group_size)
+            prepared[f"{name}.weight"], prepared[f"{name}.weight_scale_and_zero"] = pack_int4(codes), scale_and_zero
     for name, tensor in source.items():
         if name not in prepared:
             prepared[name] = tensor.to(variant.dtype).contiguous()
