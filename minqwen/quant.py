@@ -121,7 +121,40 @@ def aligned(tensor: torch.Tensor, alignment: int = KERNEL_ALIGNMENT) -> torch.Te
     return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What :class:`Int8Linear` and :class:`Int4Linear` share: ``nn.Linear``'s interface, a float
+    bias, and two ways to multiply, the fused kernel (:meth:`_fused`, a few rows) or an ordinary
+    GEMM on the widened weight (:meth:`_widened`); :meth:`uses_kernel` picks one per call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def copy_bias(self, linear: nn.Linear) -> None:
+        """Take ``linear``'s bias (if any) as it is: only the weight is quantised."""
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out)
+        rows = x.reshape(-1, self.in_features)  # (rows, in)
+        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def uses_kernel(self, rows: int) -> bool:
+        raise NotImplementedError
+
+    def _fused(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _widened(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     """A drop-in for ``nn.Linear`` holding int8 weights (out, in) and fp32 per-row scales.
 
     State-dict names follow the layer's: ``weight`` (int8), ``weight_scale`` (fp32) and ``bias``.
@@ -129,11 +162,9 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -143,21 +174,12 @@ class Int8Linear(nn.Module):
         if is_skeleton(weight):
             return layer
         layer.weight, layer.weight_scale = quantize_int8(weight)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.copy_bias(linear)
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float matrix this layer multiplies by."""
         return dequantize_int8(self.weight, self.weight_scale, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out)
-        rows = x.reshape(-1, self.in_features)  # (rows, in)
-        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a product with ``rows`` rows runs the fused kernel (``MINQWEN_INT8_KERNEL`` decides, see above)."""
@@ -254,7 +276,7 @@ def int4_kernel_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """A drop-in for ``nn.Linear`` holding group-wise int4 weights (see the module docstring).
 
     State-dict names follow the layer's: ``weight`` (uint8 (out, in / 2), two codes a byte),
@@ -267,12 +289,11 @@ class Int4Linear(nn.Module):
         self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None, group_size: int = INT4_GROUP_SIZE,
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
         self.register_buffer("weight_scale_and_zero", torch.zeros(groups, out_features, 2, dtype=torch.bfloat16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._kernel_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (source weight, its version, packed copy)
 
     @classmethod
@@ -289,21 +310,12 @@ class Int4Linear(nn.Module):
             return layer
         codes, layer.weight_scale_and_zero = quantize_int4(weight, group_size)
         layer.weight = pack_int4(codes)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.copy_bias(linear)
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float matrix this layer multiplies by."""
         return dequantize_int4(self.weight, self.weight_scale_and_zero, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out)
-        rows = x.reshape(-1, self.in_features)  # (rows, in)
-        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def uses_kernel(self, rows: int) -> bool:
         """Whether a product with ``rows`` rows runs the int4 kernel (``MINQWEN_INT4_KERNEL`` decides, as for int8)."""
