@@ -38,7 +38,7 @@ run: $(BASE_STAMP)
 # (native on CPUs with fast bf16, fp32 elsewhere) and the int8 kernel (fused by default).
 # Recursive (=): evaluated when the recipe runs, after .venv exists. Override on the command line.
 OTHER_BF16_GEMM = $(shell $(PY) -c "from minqwen.linear import cpu_has_fast_bf16_gemm as fast; print('fp32' if fast() else 'native')" || echo FAILED-see-Makefile)
-EMULATED_CPU_ENV = ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE MINQWEN_BF16_GEMM=$(OTHER_BF16_GEMM) MINQWEN_INT8_KERNEL=dequant
+EMULATED_CPU_ENV = ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE MINQWEN_BF16_GEMM=$(OTHER_BF16_GEMM) MINQWEN_INT8_KERNEL=dequant MINQWEN_INT4_KERNEL=dequant
 
 ## test: pytest (incl. HF parity and the real model), every notebook under nbval, then nbval again as on another CPU
 test: $(DEV_STAMP)

@@ -439,7 +439,7 @@ def real_tokenizer():
 
 def test_int8_perplexity_is_within_2_percent_of_bf16(real_int8_and_bf16, real_tokenizer):
     from minqwen.evaluate import perplexity
-    from minqwen.train import DEFAULT_TEXT
+    from minqwen.recipes.train_tiny import DEFAULT_TEXT
 
     int8, bf16 = real_int8_and_bf16
     ids = real_tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:QUALITY_TOKENS]
