@@ -25,7 +25,7 @@ except ImportError:  # Windows: no peak-RSS figure
     resource = None
 
 # CPU features that decide which dtype is fast: AVX2/FMA (fp32), AVX-512 BF16 / AMX (bf16 GEMM), VNNI (int8).
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_description() -> dict[str, Any]:

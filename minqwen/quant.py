@@ -9,16 +9,20 @@ output channel (row),
 halves what bf16 reads. It is "weight-only": activations stay in bf16 (or fp32), and the scale
 is applied after the matrix product, ``y = (x @ Q.T) * scale``, which is exact algebra.
 
-Two ways to compute it, picked by the number of rows (tokens) in ``x``:
-- a few rows (decoding): PyTorch's fused CPU kernel ``torch._weight_int8pack_mm`` reads the int8
-  matrix directly, with bf16 activations (its fp32-activation path is several times slower);
-- many rows (prefill): the int8 matrix is widened to the GEMM dtype once per call and goes
-  through the ordinary matrix multiply, which is compute-bound there anyway.
+Three ways to compute it, picked per call by the number of rows (tokens) in ``x``:
+- ``dot``, a few rows (decoding): minqwen's integer dot-product kernel (:mod:`minqwen.qdot`)
+  quantises the activations to int8 per block of 32 and multiplies integers, never widening a
+  weight -- the fastest path on CPUs with AVX2 or AVX-512, once it is compiled;
+- ``fused``, a few rows where that kernel is missing: PyTorch's CPU kernel
+  ``torch._weight_int8pack_mm`` reads the int8 matrix directly, with bf16 activations, but
+  converts every weight to a float on the way (about half the memory's speed on two cores);
+- ``dequant``, many rows (prefill): the int8 matrix is widened to the GEMM dtype once per call and
+  goes through the ordinary matrix multiply, which is compute-bound there anyway.
 
-``MINQWEN_INT8_KERNEL`` forces the path (read on every call): ``fused`` runs the kernel for every
-product whatever its rows (an error on a device without it; a layer whose shape or alignment the
-kernel cannot take still widens), ``dequant`` always widens, ``auto`` (the default) picks by rows
-as above. On devices without the kernel (CUDA, MPS) ``auto`` widens for every product.
+``MINQWEN_INT8_KERNEL`` forces the path (read on every call): ``dot`` or ``fused`` runs that
+kernel for every product whatever its rows (an error where it is missing; a layer whose shape or
+alignment the kernel cannot take still widens), ``dequant`` always widens, ``auto`` (the default)
+picks as above. On devices without the kernels (CUDA, MPS) ``auto`` widens for every product.
 
 The embedding table stays in the model's dtype (a token reads one row of it, so int8 would save
 memory but no time). The LM head is quantised too by default: at 151936 x 896 it is a quarter of
@@ -30,13 +34,14 @@ consecutive inputs of a row (one scale per row is too coarse at 16 levels):
     W[o, k] ~= (Q[o, k] - 8) * scale[g, o] + zero[g, o],   g = k // group_size,   Q in [0, 15].
 
 The codes are stored two to a byte (``weight``: uint8 (out, in / 2), the even input in the low
-nibble), the scales and zero points as one bf16 tensor (``weight_scale_and_zero``: (in / group,
-out, 2)), the layout PyTorch's CPU kernel ``torch._weight_int4pack_mm_for_cpu`` reads them in.
-The codes themselves it wants re-ordered for its vector width (a layout that differs between
-AVX-512, AVX2 and plain CPUs), so that copy is made once per layer when the model is loaded
-(:meth:`Int4Linear.pack_for_kernel`); the state dict keeps the portable layout above.
-``MINQWEN_INT4_KERNEL=auto|fused|dequant`` picks the path like ``MINQWEN_INT8_KERNEL`` (``auto``
-uses the kernel up to :data:`INT4_KERNEL_MAX_ROWS` rows: widening int4 costs more than int8).
+nibble), the scales and zero points as one bf16 tensor (``weight_scale_and_zero``: (out,
+in / group, 2)), so each row's bytes lie together: the integer dot-product kernel streams them
+as stored. PyTorch's CPU kernel ``torch._weight_int4pack_mm_for_cpu`` (the ``fused`` path, where
+that kernel is missing) wants the codes re-ordered for its vector width and the scales grouped
+by column, so it gets copies of both, made on its first use (:meth:`Int4Linear.pack_for_kernel`);
+the state dict keeps the layout above. ``MINQWEN_INT4_KERNEL=auto|dot|fused|dequant`` picks the
+path like ``MINQWEN_INT8_KERNEL`` (``auto`` uses a kernel up to :data:`INT4_KERNEL_MAX_ROWS`
+rows: widening int4 costs more than int8).
 """
 
 from __future__ import annotations
@@ -45,20 +50,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import qdot
 from .linear import env_choice, gemm_dtype
 from .model import is_skeleton
 
 SCHEMES = ("int8", "int4")
 INT8_MAX = 127
-# Up to this many rows the fused int8 kernel is used; above, widen the weights and run a GEMM.
+# Up to this many rows the int8 kernels are used; above, widen the weights and run a GEMM.
 KERNEL_MAX_ROWS = 8
 # The kernel steps through ``in_features`` 16 at a time with aligned vector loads (AVX-512):
 # it needs in_features % 16 == 0 and operands starting on 64-byte boundaries.
 KERNEL_BLOCK = 16
 KERNEL_ALIGNMENT = 64
-# Forces Int8Linear's path: "fused" (the int8 kernel), "dequant" (widen, then an ordinary GEMM) or "auto".
+# Forces Int8Linear's path: "dot" (minqwen.qdot), "fused" (PyTorch's int8 kernel), "dequant"
+# (widen, then an ordinary GEMM) or "auto".
 INT8_KERNEL_ENV = "MINQWEN_INT8_KERNEL"
-KERNEL_MODES = ("auto", "fused", "dequant")
+KERNEL_MODES = ("auto", "dot", "fused", "dequant")
 
 # int4: 16 levels; the kernel's codes are unsigned and centred on 8.
 INT4_LEVELS = 16
@@ -106,12 +113,12 @@ def int8_kernel_available(device: torch.device) -> bool:
 
 
 def kernel_mode(env: str, scheme: str, available: bool, device: torch.device, kernel: str) -> str:
-    """``auto``, ``fused`` or ``dequant`` from environment variable ``env``; ``fused`` without the kernel is a ``ValueError``."""
+    """``auto``, ``dot``, ``fused`` or ``dequant`` from environment variable ``env``; ``fused`` without PyTorch's kernel is a ``ValueError``."""
     mode = env_choice(env, KERNEL_MODES)
     if mode == "fused" and not available:
         raise ValueError(
             f"{env}=fused, but there is no {scheme} kernel for device {device.type!r} "
-            f"(only CPU builds of PyTorch have {kernel}); use dequant or auto"
+            f"(only CPU builds of PyTorch have {kernel}); use dot, dequant or auto"
         )
     return mode
 
@@ -139,12 +146,51 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         rows = x.reshape(-1, self.in_features)  # (rows, in)
-        out = self._fused(rows) if self.uses_kernel(rows.shape[0]) else self._widened(rows)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        path = self.path(rows.shape[0])
+        if path == "dot":  # adds the bias and returns x's dtype itself
+            out = self._dot(rows.contiguous(), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            out = self._fused(rows) if path == "fused" else self._widened(rows)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def uses_kernel(self, rows: int) -> bool:
+    def path(self, rows: int) -> str:
+        """How a product with ``rows`` rows runs: ``"dot"``, ``"fused"`` or ``"dequant"`` (see the module docstring).
+
+        ``auto`` takes the integer dot-product kernel for up to :attr:`dot_max_rows` rows, else
+        PyTorch's kernel up to :attr:`fused_max_rows`, else widens. ``dot`` and ``fused`` force
+        their kernel (an error where it is missing; a layer it cannot take still widens).
+        """
+        mode = self.mode()
+        if mode in ("auto", "dot"):
+            if self.dot_ready(mode) and (mode == "dot" or rows <= self.dot_max_rows):
+                return "dot"
+            if mode == "dot":
+                return "dequant"
+        if mode != "dequant" and self.kernel_ready() and (mode == "fused" or rows <= self.fused_max_rows):
+            return "fused"
+        return "dequant"
+
+    def dot_ready(self, mode: str = "auto") -> bool:
+        """Whether :meth:`_dot` may run: the kernel is built for this CPU and takes this layer's shape.
+
+        With ``mode="dot"`` a missing kernel (a GPU, or no compiler) is a ``ValueError``.
+        """
+        device = self.weight.device
+        ops = qdot.kernel() if device.type == "cpu" else None
+        if ops is None and mode == "dot":
+            where = "on this CPU (see the warning above)" if device.type == "cpu" else f"on device {device.type!r} (CPUs only)"
+            raise ValueError(f"{self.kernel_env}=dot, but the integer dot-product kernel is not available {where}; use fused, dequant or auto")
+        return ops is not None and qdot.supports(ops, self.scheme, self.in_features, self.group_size)
+
+    def mode(self) -> str:
+        raise NotImplementedError
+
+    def kernel_ready(self) -> bool:
+        raise NotImplementedError
+
+    def _dot(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _fused(self, rows: torch.Tensor) -> torch.Tensor:
@@ -160,6 +206,11 @@ class Int8Linear(QuantizedLinear):
     State-dict names follow the layer's: ``weight`` (int8), ``weight_scale`` (fp32) and ``bias``.
     Activations keep their dtype: the output has the dtype of the input.
     """
+
+    scheme = "int8"
+    group_size = qdot.BLOCK  # the dot kernel's activation blocks (the weight has one scale per row)
+    kernel_env = INT8_KERNEL_ENV
+    dot_max_rows = fused_max_rows = KERNEL_MAX_ROWS
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, bias, dtype, device)
@@ -181,10 +232,9 @@ class Int8Linear(QuantizedLinear):
         """The (out, in) float matrix this layer multiplies by."""
         return dequantize_int8(self.weight, self.weight_scale, dtype)
 
-    def uses_kernel(self, rows: int) -> bool:
-        """Whether a product with ``rows`` rows runs the fused kernel (``MINQWEN_INT8_KERNEL`` decides, see above)."""
-        mode = kernel_mode(INT8_KERNEL_ENV, "int8", int8_kernel_available(self.weight.device), self.weight.device, "torch._weight_int8pack_mm")
-        return mode != "dequant" and (mode == "fused" or rows <= KERNEL_MAX_ROWS) and self.kernel_ready()
+    def mode(self) -> str:
+        """``MINQWEN_INT8_KERNEL``, checked (``fused`` where PyTorch's kernel is missing is a ``ValueError``)."""
+        return kernel_mode(INT8_KERNEL_ENV, "int8", int8_kernel_available(self.weight.device), self.weight.device, "torch._weight_int8pack_mm")
 
     def kernel_ready(self) -> bool:
         """Whether :meth:`_fused` may run: a CPU with the kernel, a multiple of 16 inputs, aligned weights."""
@@ -194,8 +244,12 @@ class Int8Linear(QuantizedLinear):
             and self.weight.data_ptr() % KERNEL_ALIGNMENT == 0
         )
 
+    def _dot(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(rows, in) -> (rows, out) + bias with the integer dot-product kernel, in rows' dtype."""
+        return qdot.kernel().int8_linear(rows, self.weight, self.weight_scale, bias)
+
     def _fused(self, rows: torch.Tensor) -> torch.Tensor:
-        """(rows, in) -> (rows, out) with the int8 kernel, activations in bf16."""
+        """(rows, in) -> (rows, out) with PyTorch's int8 kernel, activations in bf16."""
         activations = aligned(rows.to(torch.bfloat16).contiguous())
         return torch._weight_int8pack_mm(activations, self.weight, self.weight_scale.to(torch.bfloat16))
 
@@ -210,7 +264,7 @@ class Int8Linear(QuantizedLinear):
 
 # --------------------------------------------------------------------------- int4
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric int4: weight (out, in) float -> (codes uint8 (out, in) in [0, 15], scale_and_zero bf16 (in/group, out, 2)).
+    """Group-wise asymmetric int4: weight (out, in) float -> (codes uint8 (out, in) in [0, 15], scale_and_zero bf16 (out, in/group, 2)).
 
     Each group of ``group_size`` inputs of a row is mapped onto 16 evenly spaced levels
     ``(Q - 8) * scale + zero``. The obvious grid spreads [min, max] over all 16 (``scale =
@@ -242,7 +296,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tu
                 best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
     _, codes, scale, zero = best
     codes = codes.to(torch.uint8).reshape(out_features, in_features)
-    scale_and_zero = torch.stack([scale[..., 0].t(), zero[..., 0].t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
+    scale_and_zero = torch.cat([scale, zero], dim=-1).to(torch.bfloat16).contiguous()  # (out, groups, 2)
     return codes, scale_and_zero
 
 
@@ -265,9 +319,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(packed: torch.Tensor, scale_and_zero: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float matrix an int4 weight stands for: ``(Q - 8) * scale + zero`` per group, in ``dtype``."""
-    out_features, groups = packed.shape[0], scale_and_zero.shape[0]
+    out_features, groups = scale_and_zero.shape[:2]
     codes = unpack_int4(packed).view(out_features, groups, -1).to(dtype)  # (out, groups, group_size)
-    scale, zero = (part.t()[..., None].to(dtype) for part in scale_and_zero.unbind(-1))  # (out, groups, 1) each
+    scale, zero = scale_and_zero.to(dtype).split(1, dim=-1)  # (out, groups, 1) each
     return ((codes - INT4_CENTER) * scale + zero).reshape(out_features, -1)
 
 
@@ -280,10 +334,17 @@ class Int4Linear(QuantizedLinear):
     """A drop-in for ``nn.Linear`` holding group-wise int4 weights (see the module docstring).
 
     State-dict names follow the layer's: ``weight`` (uint8 (out, in / 2), two codes a byte),
-    ``weight_scale_and_zero`` (bf16 (in / group_size, out, 2)) and ``bias``. The kernel's own copy
-    of the codes is derived from ``weight`` (:meth:`pack_for_kernel`) and never saved.
+    ``weight_scale_and_zero`` (bf16 (out, in / group_size, 2)) and ``bias``. PyTorch's kernel's
+    own copies are derived from these (:meth:`pack_for_kernel`) and never saved.
     Activations keep their dtype: the output has the dtype of the input.
     """
+
+    scheme = "int4"
+    kernel_env = INT4_KERNEL_ENV
+    # The dot kernel is slower than PyTorch's int4 kernel beyond a few rows (1.5x at 32-512), but
+    # PyTorch's needs copies of the weights (+60 % of int4's memory), so with the dot kernel present
+    # prefill uses it too and no copy is ever made.
+    dot_max_rows = fused_max_rows = INT4_KERNEL_MAX_ROWS
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16,
@@ -293,8 +354,9 @@ class Int4Linear(QuantizedLinear):
         self.group_size = group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         groups = in_features // group_size
-        self.register_buffer("weight_scale_and_zero", torch.zeros(groups, out_features, 2, dtype=torch.bfloat16, device=device))
-        self._kernel_weight: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (source weight, its version, packed copy)
+        self.register_buffer("weight_scale_and_zero", torch.zeros(out_features, groups, 2, dtype=torch.bfloat16, device=device))
+        # PyTorch's kernel's copies: (source weight, its version, source scales, their version, codes, scales)
+        self._kernel_copies: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> Int4Linear:
@@ -317,28 +379,34 @@ class Int4Linear(QuantizedLinear):
         """The (out, in) float matrix this layer multiplies by."""
         return dequantize_int4(self.weight, self.weight_scale_and_zero, dtype)
 
-    def uses_kernel(self, rows: int) -> bool:
-        """Whether a product with ``rows`` rows runs the int4 kernel (``MINQWEN_INT4_KERNEL`` decides, as for int8)."""
-        mode = kernel_mode(INT4_KERNEL_ENV, "int4", int4_kernel_available(self.weight.device), self.weight.device, "torch._weight_int4pack_mm_for_cpu")
-        return mode != "dequant" and (mode == "fused" or rows <= INT4_KERNEL_MAX_ROWS) and self.kernel_ready()
+    def mode(self) -> str:
+        """``MINQWEN_INT4_KERNEL``, checked as for int8."""
+        return kernel_mode(INT4_KERNEL_ENV, "int4", int4_kernel_available(self.weight.device), self.weight.device, "torch._weight_int4pack_mm_for_cpu")
 
     def kernel_ready(self) -> bool:
         """Whether :meth:`_fused` may run: a CPU with the kernel and a multiple of 16 output rows."""
         return int4_kernel_available(self.weight.device) and self.out_features % INT4_KERNEL_ROWS_MULTIPLE == 0
 
-    def pack_for_kernel(self) -> torch.Tensor:
-        """The codes in the kernel's layout, made on first use and again only when ``weight`` changes."""
-        cached = self._kernel_weight
-        if cached is None or cached[0] is not self.weight or cached[1] != self.weight._version:
+    def pack_for_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PyTorch's kernel's operands: the codes re-ordered for its vector width and the scales as
+        (in / group_size, out, 2). Made on first use, and again only when the weights change."""
+        sources = (self.weight, self.weight._version, self.weight_scale_and_zero, self.weight_scale_and_zero._version)
+        cached = self._kernel_copies
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(cached, sources)):
             codes = unpack_int4(self.weight).to(torch.int32)  # (out, in)
-            cached = (self.weight, self.weight._version, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-            self._kernel_weight = cached
-        return cached[2]
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            cached = (*sources, packed, self.weight_scale_and_zero.transpose(0, 1).contiguous())
+            self._kernel_copies = cached
+        return cached[4], cached[5]
+
+    def _dot(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(rows, in) -> (rows, out) + bias with the integer dot-product kernel, in rows' dtype."""
+        return qdot.kernel().int4_linear(rows, self.weight, self.weight_scale_and_zero, bias)
 
     def _fused(self, rows: torch.Tensor) -> torch.Tensor:
-        """(rows, in) -> (rows, out) with the int4 kernel, activations in bf16."""
-        activations = rows.to(torch.bfloat16).contiguous()
-        return torch._weight_int4pack_mm_for_cpu(activations, self.pack_for_kernel(), self.group_size, self.weight_scale_and_zero)
+        """(rows, in) -> (rows, out) with PyTorch's int4 kernel, activations in bf16."""
+        codes, scale_and_zero = self.pack_for_kernel()
+        return torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), codes, self.group_size, scale_and_zero)
 
     def _widened(self, rows: torch.Tensor) -> torch.Tensor:
         """(rows, in) -> (rows, out) through an ordinary GEMM on the dequantised weight."""
@@ -350,8 +418,12 @@ class Int4Linear(QuantizedLinear):
 
 
 def scheme_tag(scheme: str) -> str:
-    """The scheme with what fixes its stored layout: ``"int8"``, ``"int4g32"`` (names prepared copies)."""
-    return f"{scheme}g{INT4_GROUP_SIZE}" if scheme == "int4" else scheme
+    """The scheme with what fixes its stored layout: ``"int8"``, ``"int4g32r"`` (names prepared copies).
+
+    ``r``: the scales are stored row by row, (out, in / 32, 2); copies of the earlier
+    (in / 32, out, 2) layout were named ``int4g32`` and are simply not used any more.
+    """
+    return f"{scheme}g{INT4_GROUP_SIZE}r" if scheme == "int4" else scheme
 
 
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)

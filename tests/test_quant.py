@@ -89,7 +89,8 @@ def test_widened_path_equals_linear_with_dequantized_weight_fp32(shape, bias):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, KERNEL_MAX_ROWS])
-def test_fused_kernel_equals_linear_with_dequantized_weight(rows, bias):
+def test_fused_kernel_equals_linear_with_dequantized_weight(rows, bias, monkeypatch):
+    monkeypatch.setenv(INT8_KERNEL_ENV, "fused")
     linear = random_linear(64, 40, bias)
     layer = Int8Linear.from_linear(linear)
     assert layer.kernel_ready()
@@ -107,7 +108,16 @@ def test_fused_and_widened_paths_agree_on_a_bf16_layer():
     torch.testing.assert_close(fused.float(), widened.float(), rtol=2e-2, atol=2e-2 * widened.abs().max().item())
 
 
-@pytest.fixture(params=["fused", "dequant", "auto"])
+def expected_path(layer, mode: str, rows: int) -> str:
+    """The path QuantizedLinear.path should pick, spelled out from the module docstring's rules."""
+    if mode in ("auto", "dot") and layer.dot_ready() and (mode == "dot" or rows <= layer.dot_max_rows):
+        return "dot"
+    if mode in ("auto", "fused") and layer.kernel_ready() and (mode == "fused" or rows <= layer.fused_max_rows):
+        return "fused"
+    return "dequant"
+
+
+@pytest.fixture(params=["dot", "fused", "dequant", "auto"])
 def int8_kernel(request, monkeypatch):
     """Run a test on each Int8Linear path, forced with MINQWEN_INT8_KERNEL."""
     monkeypatch.setenv(INT8_KERNEL_ENV, request.param)
@@ -118,8 +128,7 @@ def int8_kernel(request, monkeypatch):
 def test_every_int8_path_equals_linear_with_dequantized_weight(rows, int8_kernel):
     linear = random_linear(64, 40, True).to(torch.bfloat16)
     layer = Int8Linear.from_linear(linear)
-    expected_kernel = int8_kernel == "fused" or (int8_kernel == "auto" and rows <= KERNEL_MAX_ROWS and layer.kernel_ready())
-    assert layer.uses_kernel(rows) == expected_kernel
+    assert layer.path(rows) == expected_path(layer, int8_kernel, rows)
     x = torch.randn(rows, 64).to(torch.bfloat16)
     expected = F.linear(x.float(), layer.dequantize(), linear.bias.float())
     got = layer(x)
@@ -215,10 +224,10 @@ def test_int4_round_trip_error_is_at_most_half_a_step_per_group(group_size):
     weight = torch.randn(48, 256) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different size
     codes, scale_and_zero = quantize_int4(weight, group_size)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
-    assert scale_and_zero.shape == (256 // group_size, 48, 2) and scale_and_zero.dtype == torch.bfloat16
+    assert scale_and_zero.shape == (48, 256 // group_size, 2) and scale_and_zero.dtype == torch.bfloat16
     groups = codes.view(48, -1, group_size)
     assert (groups.amax(dim=2) - groups.amin(dim=2) >= 11).all(), "every group should spread over most of the 16 codes"
-    scale, zero = (part.t().float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))
+    scale, zero = (part.float().repeat_interleave(group_size, dim=1) for part in scale_and_zero.unbind(-1))  # (out, in) each
     error = (dequantize_int4(pack_int4(codes), scale_and_zero) - weight).abs()
     assert (error <= scale / 2 + zero.abs() * 2**-8 + 1e-7).all()  # half a step, plus the bf16 rounding of the zero point
     explicit = (codes.float() - INT4_CENTER) * scale + zero  # the formula, spelled out
@@ -256,7 +265,7 @@ def test_quantize_int4_rejects_bad_input(bad, group_size, match):
         quantize_int4(bad, group_size)
 
 
-@pytest.fixture(params=["fused", "dequant", "auto"])
+@pytest.fixture(params=["dot", "fused", "dequant", "auto"])
 def int4_kernel(request, monkeypatch):
     """Run a test on each Int4Linear path, forced with MINQWEN_INT4_KERNEL."""
     monkeypatch.setenv(INT4_KERNEL_ENV, request.param)
@@ -268,8 +277,7 @@ def int4_kernel(request, monkeypatch):
 def test_every_int4_path_equals_linear_with_dequantized_weight(rows, bias, int4_kernel):
     linear = random_linear(128, 48, bias).to(torch.bfloat16)
     layer = Int4Linear.from_linear(linear, group_size=32)
-    expected_kernel = int4_kernel == "fused" or (int4_kernel == "auto" and rows <= INT4_KERNEL_MAX_ROWS)
-    assert layer.kernel_ready() and layer.uses_kernel(rows) == expected_kernel
+    assert layer.kernel_ready() and layer.path(rows) == expected_path(layer, int4_kernel, rows)
     x = torch.randn(rows, 128).to(torch.bfloat16)
     expected = F.linear(x.float(), layer.dequantize(), None if linear.bias is None else linear.bias.float())
     got = layer(x)
@@ -277,7 +285,8 @@ def test_every_int4_path_equals_linear_with_dequantized_weight(rows, bias, int4_
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
-def test_int4_widened_path_is_exact_in_fp32():
+def test_int4_widened_path_is_exact_in_fp32(monkeypatch):
+    monkeypatch.setenv(INT4_KERNEL_ENV, "dequant")
     linear = random_linear(64, 40, True)
     layer = Int4Linear.from_linear(linear, group_size=32)
     assert not layer.kernel_ready(), "40 outputs: not a multiple of 16, the kernel cannot take it"
@@ -309,7 +318,7 @@ def test_int4_state_dict_is_packed_codes_and_bf16_scales():
     layer = Int4Linear.from_linear(random_linear(128, 16, True), group_size=64)
     state = layer.state_dict()
     assert {k: (v.dtype, tuple(v.shape)) for k, v in state.items()} == {
-        "weight": (torch.uint8, (16, 64)), "weight_scale_and_zero": (torch.bfloat16, (2, 16, 2)), "bias": (torch.float32, (16,))
+        "weight": (torch.uint8, (16, 64)), "weight_scale_and_zero": (torch.bfloat16, (16, 2, 2)), "bias": (torch.float32, (16,))
     }
 
 
@@ -374,7 +383,7 @@ def test_from_pretrained_int4_maps_a_prepared_copy_made_once(tmp_path):
     minqwen.save_pretrained(original, path)
     first = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
     prepared = list((tmp_path / "cache" / "prepared").rglob("*.safetensors"))
-    assert [p.name.split(".")[1] for p in prepared] == [f"int4g{INT4_GROUP_SIZE}-bfloat16"]  # the group size is part of the name
+    assert [p.name.split(".")[1] for p in prepared] == [f"int4g{INT4_GROUP_SIZE}r-bfloat16"]  # the group size and layout name it
     stamp = prepared[0].stat().st_mtime_ns
     second = minqwen.from_pretrained(path, dtype=torch.bfloat16, quantize="int4")
     assert prepared[0].stat().st_mtime_ns == stamp, "the prepared copy is reused, not rewritten"

@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..config import Qwen2Config
+from .. import qdot
 from ..linear import use_cpu_linears
 from ..model import Qwen2ForCausalLM
 from ..quant import Int4Linear, Int8Linear, aligned, int8_kernel_available
@@ -64,9 +65,18 @@ def from_pretrained(
     model = build_model(config, state_dict, cast_to, attn_implementation, str(directory), quantize)
     if device.type != "cpu":
         return model.to(device)
-    for module in model.modules():
-        if isinstance(module, Int8Linear):  # the fused kernel needs aligned weights (prepared copies have them)
-            module.weight = aligned(module.weight)
-        elif isinstance(module, Int4Linear) and module.kernel_ready():  # the kernel's layout, now rather than on the first token
-            module.pack_for_kernel()
+    if quantize:
+        prepare_kernels(model)
     return use_cpu_linears(model)
+
+
+def prepare_kernels(model: Qwen2ForCausalLM) -> None:
+    """Ready a quantised model's kernels now rather than on the first token: minqwen's integer
+    dot-product kernel is compiled (once per machine, cached) or, where it cannot be, PyTorch's
+    int4 kernel gets its re-ordered copies of the weights (which cost memory, so only then)."""
+    dot_kernel_missing = qdot.kernel() is None
+    for module in model.modules():
+        if isinstance(module, Int8Linear):  # PyTorch's kernel needs aligned weights (prepared copies have them)
+            module.weight = aligned(module.weight)
+        elif isinstance(module, Int4Linear) and dot_kernel_missing and module.kernel_ready():
+            module.pack_for_kernel()
