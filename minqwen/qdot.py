@@ -121,8 +121,13 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_isa() -> str | None:
     """The kernel build to use: ``MINQWEN_QDOT_ISA`` if set, else the widest this CPU runs (None: neither)."""
+    return isa_for(os.environ.get(ISA_ENV), cpu_flags())
+
+
+@functools.cache
+def isa_for(setting: str | None, flags: frozenset[str]) -> str | None:
+    """:func:`cpu_isa` for one value of the switch and one set of CPU flags (remembered: asked per layer call)."""
     wanted = env_choice(ISA_ENV, ISA_CHOICES)
-    flags = cpu_flags()
     runnable = [isa for isa, needs in ISA_CPU_FLAGS.items() if set(needs) <= flags]
     if wanted == "auto":
         return runnable[0] if runnable else None
@@ -187,6 +192,12 @@ def loaded_operators(name: str) -> Any | None:
     return namespace
 
 
+@functools.cache
+def step_bytes(ops: Any) -> int:
+    """Bytes of weights the build reads per inner-loop step: 64 (AVX-512) or 32 (AVX2)."""
+    return int(ops.step_bytes())
+
+
 @contextlib.contextmanager
 def ninja_on_path() -> Iterator[None]:
     """Put the ``ninja`` package's binary on PATH while building (a venv's bin is not on it unless activated)."""
@@ -205,5 +216,5 @@ def ninja_on_path() -> Iterator[None]:
 
 def supports(ops: Any, scheme: str, in_features: int, group_size: int = BLOCK) -> bool:
     """Whether the kernel takes a layer: in_features a multiple of its step (int4: two steps, groups of 32)."""
-    step = ops.step_bytes()
+    step = step_bytes(ops)
     return in_features % step == 0 if scheme == "int8" else (group_size == BLOCK and in_features % (2 * step) == 0)

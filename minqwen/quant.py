@@ -46,6 +46,8 @@ rows: widening int4 costs more than int8).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,6 +139,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._paths: dict[tuple, str] = {}  # path(rows)'s decisions
 
     def copy_bias(self, linear: nn.Linear) -> None:
         """Take ``linear``'s bias (if any) as it is: only the weight is quantised."""
@@ -147,12 +150,12 @@ class QuantizedLinear(nn.Module):
         # x: (..., in) -> (..., out)
         rows = x.reshape(-1, self.in_features)  # (rows, in)
         path = self.path(rows.shape[0])
-        if path == "dot":  # adds the bias and returns x's dtype itself
-            out = self._dot(rows.contiguous(), None if self.bias is None else self.bias.to(x.dtype))
-        else:
-            out = self._fused(rows) if path == "fused" else self._widened(rows)
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
+        if path == "dot":  # one call: the kernel adds the bias and returns x's dtype
+            bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+            return self._dot(rows.contiguous(), bias).view(*x.shape[:-1], self.out_features)
+        out = self._fused(rows) if path == "fused" else self._widened(rows)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def path(self, rows: int) -> str:
@@ -161,7 +164,22 @@ class QuantizedLinear(nn.Module):
         ``auto`` takes the integer dot-product kernel for up to :attr:`dot_max_rows` rows, else
         PyTorch's kernel up to :attr:`fused_max_rows`, else widens. ``dot`` and ``fused`` force
         their kernel (an error where it is missing; a layer it cannot take still widens).
+
+        Decided once per setting and remembered: a decode step calls some 170 layers, and
+        working it out each time cost more than the kernel itself on the small ones. The key holds
+        everything the answer depends on: the two switches, the row-count thresholds and the
+        weight's storage (replaced or moved weights are decided afresh).
         """
+        key = (os.environ.get(self.kernel_env), os.environ.get(qdot.ISA_ENV), rows <= self.dot_max_rows, rows <= self.fused_max_rows, self.weight.data_ptr())
+        chosen = self._paths.get(key)
+        if chosen is None:
+            if len(self._paths) > 64:  # weights swapped many times: forget the old ones
+                self._paths.clear()
+            chosen = self._paths[key] = self.choose_path(rows)
+        return chosen
+
+    def choose_path(self, rows: int) -> str:
+        """:meth:`path` worked out (``ValueError`` for a switch that names a missing kernel)."""
         mode = self.mode()
         if mode in ("auto", "dot"):
             if self.dot_ready(mode) and (mode == "dot" or rows <= self.dot_max_rows):

@@ -107,7 +107,22 @@ def test_device_auto_picks_an_available_device(tiny_checkpoint, capsys, monkeypa
     code, out, err = run_main(["Hello world", "--max-new-tokens", "3", "--checkpoint", tiny_checkpoint, "--device", "auto"], capsys, monkeypatch)
     assert code == 0 and out.startswith("Hello world")
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert f"(float32, {expected}" in err
+    setting = "int8 weights, bfloat16 activations" if expected == "cpu" else "bfloat16"
+    assert f"({setting}, {expected}; the default" in err
+
+
+@pytest.mark.parametrize("flags, setting", [
+    ([], "(int8 weights, bfloat16 activations, cpu; the default: fastest within int8's quality bound; --dtype float32 for exact)"),
+    (["--dtype", "float32"], "(float32, cpu)"),
+    (["--dtype", "bfloat16"], "(bfloat16, cpu)"),
+    (["--quantize", "int8"], "(int8 weights, bfloat16 activations, cpu)"),
+    (["--quantize", "none"], "(float32, cpu)"),
+    (["--dtype", "float32", "--quantize", "int8"], "(int8 weights, float32 activations, cpu)"),
+])
+def test_the_precision_is_the_default_or_what_the_flags_name(flags, setting, tiny_checkpoint, capsys, monkeypatch):
+    code, out, err = run_main(["Hello", "--max-new-tokens", "2", "--checkpoint", tiny_checkpoint, *flags], capsys, monkeypatch)
+    assert code == 0 and out.startswith("Hello"), err
+    assert setting in err
 
 
 def test_sampling_flags_with_a_seed_are_reproducible(tiny_checkpoint, capsys, monkeypatch):
