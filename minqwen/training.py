@@ -245,5 +245,11 @@ class Processes:
             dist.barrier()
 
     def stop(self) -> None:
+        """Leave the process group (every process, after its last collective).
+
+        Exiting Python right after a backward can abort the process: gloo's worker threads may
+        still be freeing the backward's all-reduce, which needs the interpreter. The training
+        loop's eval, checkpoint and barrier leave them ample time; tests/ddp_gradients.py uses os._exit.
+        """
         if self.world_size > 1:
             dist.destroy_process_group()

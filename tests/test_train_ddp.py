@@ -1,9 +1,10 @@
-"""Data-parallel training under torchrun (2 processes, gloo): the same as one process on the whole batch.
-And which backend and device each process picks."""
+"""Data-parallel training under torchrun (2 processes, gloo on the CPU, even where there are GPUs):
+the same as one process on the whole batch. And which backend and device each process picks."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -22,9 +23,11 @@ TESTS = Path(__file__).parent
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ...``, failing the test with its output on error."""
+    """``torchrun --standalone --nproc_per_node 2 ...`` with no GPU visible (so gloo on the CPU, which
+    gives the single-process CPU run's numbers on any machine), failing the test with its output on error."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
