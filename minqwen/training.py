@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -177,6 +178,24 @@ def load_checkpoint(
 
 
 # --------------------------------------------------------------------------- processes
+def backend_and_device(env: Mapping[str, str]) -> tuple[str, torch.device]:
+    """The process group backend and this process's device, from torchrun's environment ``env``.
+
+    NCCL on GPU ``LOCAL_RANK`` only when every process on this machine has a GPU of its own;
+    otherwise (no CUDA, or 2 processes on a 1-GPU machine, where rank 1 would ask for a missing
+    ``cuda:1``) gloo on the CPU.
+    """
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    if not torch.cuda.is_available():
+        return "gloo", torch.device("cpu")
+    if torch.cuda.device_count() >= local_world_size:
+        return "nccl", torch.device("cuda", local_rank)
+    if local_rank == 0:
+        warnings.warn(f"{local_world_size} processes but {torch.cuda.device_count()} GPU(s): training on the CPU (gloo)", stacklevel=2)
+    return "gloo", torch.device("cpu")
+
+
 @dataclass
 class Processes:
     """This process's place in a data-parallel group (rank 0 of 1 when not under torchrun)."""
@@ -187,13 +206,13 @@ class Processes:
 
     @classmethod
     def start(cls) -> Processes:
-        """Join the process group torchrun describes in the environment: gloo on CPU, NCCL on GPUs."""
+        """Join the process group torchrun describes in the environment (see :func:`backend_and_device`)."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls()
-        use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        backend, device = backend_and_device(os.environ)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and plain .cuda() calls use this process's own GPU
+        dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size(), device)
 
     @property
@@ -226,5 +245,11 @@ class Processes:
             dist.barrier()
 
     def stop(self) -> None:
+        """Leave the process group (every process, after its last collective).
+
+        Exiting Python right after a backward can abort the process: gloo's worker threads may
+        still be freeing the backward's all-reduce, which needs the interpreter. The training
+        loop's eval, checkpoint and barrier leave them ample time; tests/ddp_gradients.py uses os._exit.
+        """
         if self.world_size > 1:
             dist.destroy_process_group()

@@ -1,27 +1,33 @@
-"""Data-parallel training under torchrun (2 processes, gloo): the same as one process on the whole batch."""
+"""Data-parallel training under torchrun (2 processes, gloo on the CPU, even where there are GPUs):
+the same as one process on the whole batch. And which backend and device each process picks."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import STATE_FILE, cli_args, tiny_run
 
 from minqwen.loss import lm_loss
 from minqwen.recipes.train_tiny import TextData, TrainConfig, new_model, train
-from minqwen.training import checkpoint_dirs
+from minqwen.training import backend_and_device, checkpoint_dirs
 from minqwen.loading.weights import read_safetensors
 
 TESTS = Path(__file__).parent
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ...``, failing the test with its output on error."""
+    """``torchrun --standalone --nproc_per_node 2 ...`` with no GPU visible (so gloo on the CPU, which
+    gives the single-process CPU run's numbers on any machine), failing the test with its output on error."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=TESTS, env=env)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -54,3 +60,32 @@ def test_ddp_training_run_equals_single_process_run(tmp_path: Path) -> None:
     single_weights = read_safetensors(checkpoint_dirs(single.out_dir)[-1] / "model.safetensors")
     for name in single_weights:
         torch.testing.assert_close(ddp_weights[name], single_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "env", "expected"),
+    [
+        (0, {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, ("gloo", "cpu")),
+        (2, {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, ("nccl", "cuda:1")),
+        (8, {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}, ("nccl", "cuda:3")),  # 4 machines of 4
+        (1, {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, ("gloo", "cpu")),  # not cuda:1, which does not exist
+        (1, {"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, ("gloo", "cpu")),  # no LOCAL_WORLD_SIZE: WORLD_SIZE counts
+    ],
+)
+def test_backend_and_device_give_each_process_its_own_gpu_or_fall_back_to_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, env: dict[str, str], expected: tuple[str, str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    backend, device = backend_and_device(env)
+    assert (backend, device) == (expected[0], torch.device(expected[1]))
+
+
+def test_too_few_gpus_for_the_processes_warns_once_from_local_rank_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="2 processes but 1 GPU.*CPU"):
+        backend_and_device({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend_and_device({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})  # the other processes stay quiet
