@@ -166,7 +166,9 @@ def build_and_load(isa: str) -> Any:
     name = f"minqwen_qdot_{isa}"
     if loaded_operators(name) is not None:  # already in this process (a library cannot be loaded twice)
         return loaded_operators(name)
-    flags = ("-O3", f"-DQDOT_NAMESPACE={name}", *ISA_COMPILE_FLAGS[isa])
+    # -fopenmp: at::parallel_for is an OpenMP loop in the header; without the flag it runs on one
+    # thread. Not linked here: the symbols resolve to the OpenMP runtime PyTorch itself loads.
+    flags = ("-O3", "-fopenmp", f"-DQDOT_NAMESPACE={name}", *ISA_COMPILE_FLAGS[isa])
     key = hashlib.sha256("|".join([SOURCE.read_text(), torch.__version__, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"{name}-{key}"
     loaded = []
