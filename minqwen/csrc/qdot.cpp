@@ -44,6 +44,7 @@ struct Activations {
   std::vector<int8_t> values;      // (rows, in)
   std::vector<float> lane_scales;  // (rows, lanes per row)
   std::vector<float> group_terms;  // int4 only: (rows, 2 * in / 32) = [-8 * S, S] per group, S = d * sum(q)
+  std::vector<float> offsets;      // int8 on AVX-512 only: (rows,) = 128 * sum over blocks of d * sum(q)
 };
 
 template <typename T>
@@ -65,12 +66,14 @@ Activations quantize_for_int8(const T* x, int64_t rows, int64_t in) {
   Activations a;
   a.values.resize(rows * in);
   a.lane_scales.resize(rows * in / 4);
+  a.offsets.assign(rows, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < in / kBlock; ++b) {
       float d;
       int32_t sum;
       quantize_block(x + r * in + b * kBlock, a.values.data() + r * in + b * kBlock, &d, &sum);
       std::fill_n(a.lane_scales.data() + (r * in + b * kBlock) / 4, kBlock / 4, d);
+      a.offsets[r] += 128.f * d * sum;
     }
   }
   return a;
@@ -134,16 +137,17 @@ inline __m128 bf16x4_to_floats(const c10::BFloat16* p) {
 
 // ----------------------------------------------------------------------------- int8 x int8
 // One weight row (in int8 values) times one activation row: sum over blocks of d_block * (w . q).
-// The integer instructions multiply an unsigned byte by a signed one, so the sign of each
-// activation moves onto the weight: w * q = (w * sign(q)) * |q|.
-inline float int8_row_dot(const int8_t* w, const int8_t* q, const float* lane_scales, int64_t in) {
+// The integer instructions multiply an unsigned byte by a signed one. AVX-512: flipping a weight's
+// top bit makes it the unsigned w + 128, so the sums come out as w . q + 128 * sum(q), and
+// `offset` (128 * sum over blocks of d * sum(q), the same for every row) is subtracted once.
+// AVX2's instruction saturates 16-bit pair sums, which w + 128 would overflow, so there the sign
+// of each activation moves onto the weight instead: w * q = (w * sign(q)) * |q|.
+inline float int8_row_dot(const int8_t* w, const int8_t* q, const float* lane_scales, float offset, int64_t in) {
   Floats acc = zero_floats();
   for (int64_t k = 0; k < in; k += kStep) {
 #ifdef QDOT_AVX512
-    __m512i qv = _mm512_loadu_si512(q + k);
-    __m512i wv = _mm512_loadu_si512(w + k);
-    __m512i w_signed = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(qv), _mm512_setzero_si512(), wv);
-    __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(qv), w_signed);  // 16 lanes of 4 products
+    __m512i w_unsigned = _mm512_xor_si512(_mm512_loadu_si512(w + k), _mm512_set1_epi8(static_cast<char>(0x80)));
+    __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_unsigned, _mm512_loadu_si512(q + k));  // 16 lanes of 4 products
     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_loadu_ps(lane_scales + k / 4), acc);
 #else
     __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k));
@@ -153,7 +157,12 @@ inline float int8_row_dot(const int8_t* w, const int8_t* q, const float* lane_sc
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_loadu_ps(lane_scales + k / 4), acc);
 #endif
   }
+#ifdef QDOT_AVX512
+  return sum_lanes(acc) - offset;
+#else
+  (void)offset;
   return sum_lanes(acc);
+#endif
 }
 
 // ----------------------------------------------------------------------------- int4 x int8
@@ -243,7 +252,7 @@ void int8_linear_typed(const at::Tensor& x, const at::Tensor& weight, const at::
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   for_each_output<T>(out, bias, rows, [&](int64_t n, int64_t r) {
-    return s[n] * int8_row_dot(w + n * in, a.values.data() + r * in, a.lane_scales.data() + r * in / 4, in);
+    return s[n] * int8_row_dot(w + n * in, a.values.data() + r * in, a.lane_scales.data() + r * in / 4, a.offsets[r], in);
   });
 }
 
