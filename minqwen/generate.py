@@ -181,14 +181,14 @@ def decode_loop(
     batch, end = ids.shape[0], ids.shape[1] - max_new_tokens  # end: columns filled so far
     has_padding = not bool(mask[:, :end].all())
     seen = seen_tokens(ids[:, :end], mask[:, :end], model.config.vocab_size) if sampler.config.repetition_penalty else None
-    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=ids.device)
-    running = torch.ones(batch, dtype=torch.bool, device=ids.device)
+    running = [True] * batch  # on the host: the ids are read there anyway, once per step
     for _ in range(max_new_tokens):
         logits = last_logits(model, ids, positions, mask if has_padding else None, end, cache)
         next_ids = sampler(logits, seen)  # (B,)
-        running &= ~torch.isin(next_ids, stop_ids)
-        yield GenerationStep(logits, [int(t) if alive else None for t, alive in zip(next_ids.tolist(), running.tolist())])
-        if not running.any():
+        tokens = next_ids.tolist()
+        running = [alive and token not in stops for alive, token in zip(running, tokens)]
+        yield GenerationStep(logits, [token if alive else None for token, alive in zip(tokens, running)])
+        if not any(running):
             return
         ids[:, end] = next_ids
         end += 1
