@@ -65,10 +65,17 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
 
 
 def peak_rss_mb() -> float:
-    """The largest resident set this process has had so far, in MiB (NaN on Windows).
+    """The largest resident set this process's program has had so far, in MiB (NaN on Windows).
 
-    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS.
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would do, but it survives
+    ``exec``, so a process started by a big parent (the benchmark's, say) reports the parent's size
+    at the fork. Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
     """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
     if resource is None:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

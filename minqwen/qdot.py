@@ -220,3 +220,58 @@ def supports(ops: Any, scheme: str, in_features: int, group_size: int = BLOCK) -
     """Whether the kernel takes a layer: in_features a multiple of its step (int4: two steps, groups of 32)."""
     step = step_bytes(ops)
     return in_features % step == 0 if scheme == "int8" else (group_size == BLOCK and in_features % (2 * step) == 0)
+
+
+# --------------------------------------------------------------------------- checked entry points
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, in) @ (scale[:, None] * weight).T + bias with the kernel: weight int8 (out, in), scale fp32 (out,).
+
+    The operands are checked first (``ValueError`` naming the problem); the layers of
+    :mod:`minqwen.quant` call the operator directly, their operands being right by construction.
+    """
+    ops = checked_kernel(x, weight.shape[0], bias)
+    expect(weight.dtype == torch.int8 and weight.dim() == 2 and weight.is_contiguous(), f"weight must be a contiguous int8 (out, in) matrix, got {weight.dtype} {tuple(weight.shape)}")
+    expect(scale.dtype == torch.float32 and scale.shape == (weight.shape[0],) and scale.is_contiguous(), f"scale must be a contiguous float32 vector of {weight.shape[0]}, got {scale.dtype} {tuple(scale.shape)}")
+    expect_inputs(ops, x, weight.shape[1], "int8")
+    return ops.int8_linear(x, weight, scale, bias)
+
+
+def int4_linear(x: torch.Tensor, codes: torch.Tensor, scale_and_zero: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows, in) @ W.T + bias with the kernel, W = (code - 8) * scale + zero per group of 32 inputs:
+    codes uint8 (out, in / 2), two a byte, the even input in the low nibble; scale_and_zero bf16 (out, in / 32, 2).
+
+    The operands are checked first, as in :func:`int8_linear`.
+    """
+    ops = checked_kernel(x, codes.shape[0], bias)
+    expect(codes.dtype == torch.uint8 and codes.dim() == 2 and codes.is_contiguous(), f"codes must be a contiguous uint8 (out, in / 2) matrix, got {codes.dtype} {tuple(codes.shape)}")
+    in_features = 2 * codes.shape[1]
+    wanted = (codes.shape[0], in_features // BLOCK, 2)
+    expect(scale_and_zero.dtype == torch.bfloat16 and tuple(scale_and_zero.shape) == wanted and scale_and_zero.is_contiguous(),
+           f"scale_and_zero must be contiguous bfloat16 {wanted}, got {scale_and_zero.dtype} {tuple(scale_and_zero.shape)}")
+    expect_inputs(ops, x, in_features, "int4")
+    return ops.int4_linear(x, codes, scale_and_zero, bias)
+
+
+def checked_kernel(x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> Any:
+    """The kernel for this CPU, after the checks every operand set shares."""
+    ops = kernel()
+    expect(ops is not None, "the integer dot-product kernel is not available on this machine (see the warning when it was built)")
+    expect(x.device.type == "cpu", f"the kernel runs on the CPU; x is on {x.device}")
+    expect(x.dtype in ACTIVATION_DTYPES and x.dim() == 2 and x.is_contiguous(), f"x must be a contiguous (rows, in) float32, bfloat16 or float16 matrix, got {x.dtype} {tuple(x.shape)}")
+    if bias is not None:
+        expect(bias.dtype == x.dtype and bias.shape == (out_features,) and bias.is_contiguous(), f"bias must be a contiguous {x.dtype} vector of {out_features}, got {bias.dtype} {tuple(bias.shape)}")
+    return ops
+
+
+def expect_inputs(ops: Any, x: torch.Tensor, in_features: int, scheme: str) -> None:
+    expect(x.shape[1] == in_features, f"x has {x.shape[1]} inputs, the weight {in_features}")
+    step = step_bytes(ops) * (2 if scheme == "int4" else 1)
+    expect(supports(ops, scheme, in_features), f"this build takes {scheme} layers whose inputs are a multiple of {step}, not {in_features}")
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

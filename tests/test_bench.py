@@ -3,6 +3,9 @@ greedy agreement), minqwen.hardware's figures, one real end-to-end run on a tiny
 worker processes for minqwen and HF), and llama.cpp on the real GGUF where llama-cpp-python is installed."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +68,17 @@ def test_peak_rss_is_the_kernels_high_water_mark_in_mib():
     torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: the peak may move
     high_water_kib = int(next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:")).split()[1])
     assert hardware.peak_rss_mb() == pytest.approx(high_water_kib / 1024, abs=1)
+
+
+def test_peak_rss_of_a_child_is_its_own_not_its_big_parents():
+    """ru_maxrss survives exec: a worker started by a 600 MiB parent would report 600 MiB."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status")
+    parent_block = torch.ones(600 * 2**20 // 4)  # touched: the parent is now over 600 MiB
+    code = "from minqwen.hardware import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(bench.REPOSITORY)})
+    assert float(child.stdout) < 500, child.stdout  # python + torch + minqwen: about 225 MiB here
+    del parent_block
 
 
 def fake_report() -> Report:

@@ -114,14 +114,23 @@ def test_reference_is_the_exact_product_up_to_the_activations_rounding():
     assert (got - exact).abs().max() > 0, "the activations are rounded: the comparison must not be trivially exact"
 
 
-def test_kernel_rejects_what_it_cannot_take(ops):
+def test_bad_operands_are_named_before_the_kernel_runs():
+    if qdot.kernel() is None:
+        pytest.skip("no integer dot-product kernel on this machine (see the warning)")
     weight, scale = quantize_int8(random_weights(16, 256))
-    with pytest.raises(RuntimeError, match="x has 128 inputs, the weight 256"):
-        ops.int8_linear(torch.randn(1, 128), weight, scale, None)
-    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
-        ops.int8_linear(torch.randn(1, 256).double(), weight, scale, None)
-    with pytest.raises(RuntimeError, match="scale_and_zero must be contiguous bfloat16"):
-        ops.int4_linear(torch.randn(1, 256), torch.zeros(16, 128, dtype=torch.uint8), torch.zeros(8, 16, 2, dtype=torch.bfloat16), None)
+    x = torch.randn(1, 256)
+    for call, match in [
+        (lambda: qdot.int8_linear(torch.randn(1, 128), weight, scale), "x has 128 inputs, the weight 256"),
+        (lambda: qdot.int8_linear(x.double(), weight, scale), "x must be a contiguous .* float32, bfloat16 or float16"),
+        (lambda: qdot.int8_linear(x, weight.float(), scale), "weight must be a contiguous int8"),
+        (lambda: qdot.int8_linear(x, weight, scale[:8]), "scale must be a contiguous float32 vector of 16"),
+        (lambda: qdot.int8_linear(x, weight, scale, torch.zeros(16).bfloat16()), "bias must be a contiguous torch.float32 vector of 16"),
+        (lambda: qdot.int8_linear(torch.randn(1, 40), weight[:, :40].contiguous(), scale), "inputs are a multiple of"),
+        (lambda: qdot.int4_linear(x, torch.zeros(16, 128, dtype=torch.uint8), torch.zeros(8, 16, 2, dtype=torch.bfloat16)), r"scale_and_zero must be contiguous bfloat16 \(16, 8, 2\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    torch.testing.assert_close(qdot.int8_linear(x, weight, scale), qdot.int8_linear_reference(x, weight, scale), rtol=1e-5, atol=1e-4)
 
 
 def test_layers_use_the_kernel_for_decoding_and_match_the_reference(monkeypatch):
