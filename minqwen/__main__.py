@@ -106,7 +106,7 @@ def precision(args: argparse.Namespace, device: torch.device) -> tuple[str, str 
 
     The default is the fastest setting whose quality stays within int8's bound (mean next-token
     loss within 2 % of bf16; measured in the README's "Performance"): on a CPU, int8 weights with
-    bf16 activations -- int4 is faster still but costs more (+2.2 %). GPUs have no int8 kernel
+    bf16 activations -- int4 is faster still but costs more (+2.4 %). GPUs have no int8 kernel
     here: bf16. ``--dtype float32`` alone is exact; ``--dtype bfloat16`` alone, bf16 weights.
     """
     if args.dtype is None and args.quantize is None:
