@@ -31,7 +31,7 @@ the bytes a token reads; ``lm_head=False`` keeps it in the model's dtype.
 int4 halves the bytes again, with a scale *and a zero point* per group of ``group_size``
 consecutive inputs of a row (one scale per row is too coarse at 16 levels):
 
-    W[o, k] ~= (Q[o, k] - 8) * scale[g, o] + zero[g, o],   g = k // group_size,   Q in [0, 15].
+    W[o, k] ~= (Q[o, k] - 8) * scale[o, g] + zero[o, g],   g = k // group_size,   Q in [0, 15].
 
 The codes are stored two to a byte (``weight``: uint8 (out, in / 2), the even input in the low
 nibble), the scales and zero points as one bf16 tensor (``weight_scale_and_zero``: (out,
