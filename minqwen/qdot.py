@@ -140,10 +140,23 @@ def kernel(isa: str | None = "auto") -> Any | None:
     """The kernel's operators (``int8_linear``, ``int4_linear``, ``step_bytes``) for ``isa``, or None.
 
     ``"auto"`` means :func:`cpu_isa`. Built on first use and cached on disk; a build that fails
-    (no compiler, say) warns once and gives None, and the callers keep PyTorch's kernels.
+    (no compiler, say), or a CPU with neither instruction set, warns once and gives None, and the
+    callers keep PyTorch's kernels.
     """
     isa = cpu_isa() if isa == "auto" else isa
-    return None if isa is None else load_kernel(isa)
+    if isa is None:
+        warn_no_isa(cpu_flags())
+        return None
+    return load_kernel(isa)
+
+
+@functools.cache
+def warn_no_isa(flags: frozenset[str]) -> None:
+    """Say once (per set of CPU flags) that this CPU runs neither build."""
+    warnings.warn(
+        "minqwen: this CPU has neither AVX-512 VNNI nor AVX2 + FMA (or is not x86), so the integer-dot "
+        "kernel does not run here; int8/int4 use PyTorch's kernels", RuntimeWarning, stacklevel=3,
+    )
 
 
 @functools.cache
