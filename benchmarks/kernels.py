@@ -1,4 +1,4 @@
-"""How fast PyTorch's matrix-vector kernels read weights on this CPU: the ceiling under decoding.
+"""How fast the matrix-vector kernels read weights on this CPU: the ceiling under decoding.
 
     python benchmarks/kernels.py [--threads 1 2]
 
@@ -6,7 +6,8 @@ Decoding one token multiplies one row of activations by every weight matrix, so 
 timed on the shapes of Qwen2-0.5B (q/k/v fused size, MLP, down, head) in GB of weights read per
 second. Many distinct matrices of each shape are cycled through so none stays in a cache, as in
 the real model. Compare with the memory bandwidth printed first: a kernel far below it is limited
-by its arithmetic (e.g. converting bf16 or int8 to fp32), not by memory.
+by its arithmetic (e.g. converting bf16 or int8 to fp32), not by memory. PyTorch's kernels and,
+where it is built, minqwen's integer dot-product kernel (``minqwen.qdot``) on the same weights.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minqwen import qdot
 from minqwen.hardware import cpu_description, measure_bandwidth
-from minqwen.quant import INT4_GROUP_SIZE, quantize_int4, quantize_int8
+from minqwen.quant import INT4_GROUP_SIZE, pack_int4, quantize_int4, quantize_int8
 
 SHAPES = {"q+k+v": (1152, 896), "gate/up": (4864, 896), "down": (896, 4864), "lm_head": (151936, 896)}
 BYTES_PER_SHAPE = 256 * 2**20  # fp32 bytes of the matrices cycled through per shape (beyond any cache)
@@ -44,24 +46,32 @@ def kernels_for(out_features: int, in_features: int) -> dict[str, tuple[list, in
     x = torch.randn(1, in_features)
     bf16 = [w.bfloat16() for w in weights]
     int8 = [quantize_int8(w) for w in weights]
-    int4 = [int4_operands(w) for w in weights]  # (codes in the kernel's layout, scales and zero points)
+    int4 = [quantize_int4(w, INT4_GROUP_SIZE) for w in weights]  # (codes (out, in), scales and zero points (out, groups, 2))
     x16, elements = x.bfloat16(), count * out_features * in_features
     int4_bytes = elements // 2 + sum(sz.nbytes for _, sz in int4)
-    return {
+    products = {
         "fp32": ([lambda w=w: F.linear(x, w) for w in weights], 4 * elements),
         "bf16": ([lambda w=w: F.linear(x16, w) for w in bf16], 2 * elements),
         "int8 (bf16 act.)": ([lambda q=q, s=s.bfloat16(): torch._weight_int8pack_mm(x16, q, s) for q, s in int8], elements),
-        INT4_NAME: ([lambda q=q, sz=sz: torch._weight_int4pack_mm_for_cpu(x16, q, INT4_GROUP_SIZE, sz) for q, sz in int4], int4_bytes),
+        INT4_NAME: ([lambda q=q, sz=sz: torch._weight_int4pack_mm_for_cpu(x16, q, INT4_GROUP_SIZE, sz) for q, sz in map(torch_int4_operands, int4)], int4_bytes),
     }
+    ops = qdot.kernel()
+    if ops is not None and qdot.supports(ops, "int8", in_features):
+        products[DOT_INT8_NAME] = ([lambda q=q, s=s: ops.int8_linear(x16, q, s, None) for q, s in int8], elements)
+    if ops is not None and qdot.supports(ops, "int4", in_features):
+        products[DOT_INT4_NAME] = ([lambda c=pack_int4(c), sz=sz: ops.int4_linear(x16, c, sz, None) for c, sz in int4], int4_bytes)
+    return products
 
 
 INT4_NAME = f"int4 g{INT4_GROUP_SIZE} (bf16 act.)"
+DOT_INT8_NAME = "int8, integer dot (qdot)"
+DOT_INT4_NAME = f"int4 g{INT4_GROUP_SIZE}, integer dot (qdot)"
 
 
-def int4_operands(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``torch._weight_int4pack_mm_for_cpu`` reads: the codes packed for this CPU, and the bf16 scales and zero points."""
-    codes, scale_and_zero = quantize_int4(weight, INT4_GROUP_SIZE)
-    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_and_zero
+def torch_int4_operands(quantized: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``torch._weight_int4pack_mm_for_cpu`` reads: the codes packed for this CPU, the scales and zero points by column group."""
+    codes, scale_and_zero = quantized
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1), scale_and_zero.transpose(0, 1).contiguous()
 
 
 def main() -> None:

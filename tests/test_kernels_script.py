@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from minqwen import qdot
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 
@@ -17,17 +19,19 @@ def load_script():
 
 def test_every_kernel_computes_the_same_product(monkeypatch):
     kernels = load_script()
-    monkeypatch.setattr(kernels, "BYTES_PER_SHAPE", 3 * 4 * 48 * 64)  # three matrices of (48, 64)
-    products = kernels.kernels_for(48, 64)
-    assert set(products) == {"fp32", "bf16", "int8 (bf16 act.)", kernels.INT4_NAME}
+    monkeypatch.setattr(kernels, "BYTES_PER_SHAPE", 3 * 4 * 48 * 128)  # three matrices of (48, 128)
+    products = kernels.kernels_for(48, 128)
+    dot_rows = {kernels.DOT_INT8_NAME, kernels.DOT_INT4_NAME} if qdot.kernel() is not None else set()
+    assert set(products) == {"fp32", "bf16", "int8 (bf16 act.)", kernels.INT4_NAME} | dot_rows
     outputs = {name: [p().float() for p in fns] for name, (fns, _) in products.items()}
     assert all(len(outs) == 3 and outs[0].shape == (1, 48) for outs in outputs.values())
-    for name, tolerance in (("bf16", 0.05), ("int8 (bf16 act.)", 0.05), (kernels.INT4_NAME, 0.25)):  # int4: 16 levels
+    tolerances = {"bf16": 0.05, "int8 (bf16 act.)": 0.05, kernels.INT4_NAME: 0.25, kernels.DOT_INT8_NAME: 0.05, kernels.DOT_INT4_NAME: 0.25}  # int4: 16 levels
+    for name in set(products) - {"fp32"}:
         for ours, reference in zip(outputs[name], outputs["fp32"]):
-            assert (ours - reference).abs().max() <= tolerance * reference.abs().max() + 1e-3, name
-    assert products["fp32"][1] == 4 * 3 * 48 * 64 and products["int8 (bf16 act.)"][1] == 3 * 48 * 64
-    groups = 64 // kernels.INT4_GROUP_SIZE
-    assert products[kernels.INT4_NAME][1] == 3 * 48 * 64 // 2 + 3 * groups * 48 * 2 * 2  # half a byte a weight, plus 2 bf16 per row and group
+            assert (ours - reference).abs().max() <= tolerances[name] * reference.abs().max() + 1e-3, name
+    assert products["fp32"][1] == 4 * 3 * 48 * 128 and products["int8 (bf16 act.)"][1] == 3 * 48 * 128
+    groups = 128 // kernels.INT4_GROUP_SIZE
+    assert products[kernels.INT4_NAME][1] == 3 * 48 * 128 // 2 + 3 * groups * 48 * 2 * 2  # half a byte a weight, plus 2 bf16 per row and group
 
 
 def test_rate_is_bytes_over_seconds():
