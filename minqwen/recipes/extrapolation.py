@@ -59,7 +59,7 @@ from ..loading import from_pretrained
 from ..loading.files import atomic_file, build_directory, cache_dir
 from ..loading.weights import save_pretrained
 from ..training import cosine_lr, make_optimizer, train_step
-from .train_tiny import DEFAULT_TEXT, TextData
+from .train_tiny import DEFAULT_TEXT, TextData, byte_vocabulary_config
 
 METHODS = ("rope", "linear", "dynamic", "yarn", "dca", "dca_scaled")
 DEFAULT_OUT = Path("notebooks/results/extrapolation.json")
@@ -119,17 +119,7 @@ class ExperimentConfig:
 
     def model_config(self) -> Qwen2Config:
         """The tiny Qwen2: byte vocabulary, tied embeddings, trained context ``trained_length``."""
-        return Qwen2Config(
-            vocab_size=256,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            max_position_embeddings=self.trained_length,
-            rope_theta=self.rope_theta,
-            tie_word_embeddings=True,
-        )
+        return byte_vocabulary_config(self, max_position_embeddings=self.trained_length, rope_theta=self.rope_theta)
 
     def training(self) -> dict[str, Any]:
         """The settings that determine the trained weights."""

@@ -68,6 +68,17 @@ def _setting(default: Any, help: str, resumable: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "resumable": resumable})
 
 
+def byte_vocabulary_config(sizes: Any, **overrides: Any) -> Qwen2Config:
+    """A small Qwen2 over the 256 byte values with tied embeddings (as small Qwen2s have).
+
+    ``sizes`` is any settings object with ``hidden_size``, ``intermediate_size``,
+    ``num_hidden_layers``, ``num_attention_heads`` and ``num_key_value_heads`` (this recipe's
+    :class:`TrainConfig`, the extrapolation experiment's); ``overrides`` sets other config fields.
+    """
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return Qwen2Config(vocab_size=256, tie_word_embeddings=True, **{name: getattr(sizes, name) for name in names}, **overrides)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; each field is also a command-line flag."""
@@ -116,16 +127,7 @@ class TrainConfig:
 
     def model_config(self) -> Qwen2Config:
         """The Qwen2 this run trains: byte vocabulary, tied embeddings (as small Qwen2s have)."""
-        return Qwen2Config(
-            vocab_size=256,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            max_position_embeddings=self.seq_len,
-            tie_word_embeddings=True,
-        )
+        return byte_vocabulary_config(self, max_position_embeddings=self.seq_len)
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that determine the losses (all but the resumable ones)."""
