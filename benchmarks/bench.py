@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import torch
 
+from minqwen.chat import common_prefix_length
 from minqwen.hardware import cpu_description, measure_bandwidth, peak_rss_mb
 from minqwen.loading.files import atomic_file
 
@@ -272,12 +273,7 @@ def make_runner(config: RunConfig, settings: Settings) -> Any:
 
 def agreement(tokens: list[int], reference: list[int]) -> int:
     """How many tokens, from the first, ``tokens`` and ``reference`` share (greedy texts agree until they don't)."""
-    count = 0
-    for ours, theirs in zip(tokens, reference):
-        if ours != theirs:
-            break
-        count += 1
-    return count
+    return common_prefix_length(tokens, reference)
 
 
 def bytes_per_token(model: torch.nn.Module) -> int:
