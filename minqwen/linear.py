@@ -47,7 +47,12 @@ def cpu_has_fast_bf16_gemm() -> bool:
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str:
     """The value of environment variable ``name`` (default: the first choice), checked against ``choices``."""
-    value = os.environ.get(name, choices[0]).strip().lower() or choices[0]
+    return checked_choice(name, os.environ.get(name), choices)
+
+
+def checked_choice(name: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """:func:`env_choice` for a value already read from environment variable ``name`` (None: unset)."""
+    value = (value or choices[0]).strip().lower() or choices[0]
     if value not in choices:
         raise ValueError(f"environment variable {name}={value!r}: expected one of {', '.join(choices)}")
     return value

@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import torch
 
 from .hardware import cpu_description
-from .linear import env_choice
+from .linear import checked_choice
 
 BLOCK = 32  # activations: one int8 scale per 32 values (llama.cpp's Q8_0 block)
 INT8_MAX = 127
@@ -127,7 +127,7 @@ def cpu_isa() -> str | None:
 @functools.cache
 def isa_for(setting: str | None, flags: frozenset[str]) -> str | None:
     """:func:`cpu_isa` for one value of the switch and one set of CPU flags (remembered: asked per layer call)."""
-    wanted = env_choice(ISA_ENV, ISA_CHOICES)
+    wanted = checked_choice(ISA_ENV, setting, ISA_CHOICES)
     runnable = [isa for isa, needs in ISA_CPU_FLAGS.items() if set(needs) <= flags]
     if wanted == "auto":
         return runnable[0] if runnable else None
